@@ -7,6 +7,7 @@
 """
 
 from .edit import replace_uses, remove_node, insert_node_after, new_constant
+from .activations import activation_batches, with_outputs
 from .execute import compare, compare_outputs, random_inputs, run, session, model_size_bytes, Comparison
 from .io import load, save
 from .model import Model
@@ -15,5 +16,5 @@ from .shapes import infer_shapes, static_shape
 __all__ = [
     "Model", "load", "save", "infer_shapes", "static_shape", "compare", "compare_outputs", "random_inputs",
     "run", "session", "model_size_bytes", "Comparison", "replace_uses", "remove_node", "insert_node_after",
-    "new_constant",
+    "new_constant", "activation_batches", "with_outputs",
 ]

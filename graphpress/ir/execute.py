@@ -17,15 +17,15 @@ import onnxruntime as ort
 from ..errors import GraphpressError
 from .model import Model
 
-#: integer inputs are drawn from [0, INT_INPUT_HIGH): valid as token ids, indices and class labels
-INT_INPUT_HIGH = 10
+#: integer inputs are drawn from [0, INT_INPUT_HIGH): valid as token ids, token types, masks and indices
+INT_INPUT_HIGH = 2
 
 
 def session(model: Model | onnx.ModelProto, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime session for `model` (graph optimizations off by default: a faithful reference)."""
     proto = model.to_onnx() if isinstance(model, Model) else model
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors become our own exceptions
     options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
