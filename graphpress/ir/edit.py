@@ -73,14 +73,16 @@ def insert_node_after(model: Model, tensor: gs.Tensor, op: str, extra_inputs=(),
     graph = graph or model.graph
     out = gs.Variable(model.unique_name(f"{tensor.name}_{op.lower()}"), dtype=tensor.dtype, shape=tensor.shape)
     consumers = list(tensor.outputs)
-    node = gs.Node(op, name=name or model.unique_name(out.name), attrs=attrs or {},
+    if any(t is tensor for t in graph.outputs):
+        # the new node's output takes over the graph output's name; the old tensor becomes internal
+        out.name, tensor.name = tensor.name, model.unique_name(tensor.name + "_before_" + op.lower())
+        _swap_output(graph, tensor, out)
+    node = gs.Node(op, name=name or model.unique_name(f"{out.name}_{op.lower()}"), attrs=attrs or {},
                    inputs=[tensor, *extra_inputs], outputs=[out])
     for consumer in consumers:
         for i, t in enumerate(consumer.inputs):
             if t is tensor:
                 consumer.inputs[i] = out
-    if any(t is tensor for t in graph.outputs):
-        replace_uses(model, tensor, out)
     graph.nodes.append(node)
     return node
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 import onnx.defs
+import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
 from ..errors import GraphpressError, ModelLoadError
@@ -108,6 +109,7 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         if external:
+            proto = _with_raw_data(proto)
             data_name = path.name + ".data"
             tmp_data = Path(tmp).with_suffix(".data.tmp")
             onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -129,5 +131,15 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
+def _with_raw_data(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose tensors store `raw_data` (onnx moves only raw tensors to external data)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for tensor in onnx.external_data_helper._get_all_tensors(copy):
+        if not tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+    return copy
+
+
 def _tensor_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in onnx.external_data_helper._get_all_tensors(proto))
+    return sum(t.ByteSize() for t in onnx.external_data_helper._get_all_tensors(proto))

@@ -63,12 +63,10 @@ class PassContext:
 
     @contextlib.contextmanager
     def at(self, node: gs.Node) -> Iterator[gs.Node]:
-        """Mark `node` as the one being worked on, so a failure names it."""
+        """Mark `node` as the one being worked on, so a failure names it (it stays marked on error)."""
         previous, self.current_node = self.current_node, node
-        try:
-            yield node
-        finally:
-            self.current_node = previous
+        yield node
+        self.current_node = previous
 
 
 class Pass:

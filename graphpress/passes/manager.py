@@ -84,6 +84,7 @@ class PassManager:
         for instrument in self.instruments:
             instrument.before_pass(pass_, model, ctx)
         nodes_before = len(model.graph.nodes)
+        ctx.current_node = None
         start = time.perf_counter()
         try:
             result = pass_.run(model, ctx)

@@ -38,9 +38,14 @@ class Rule:
     rewrite: Rewrite
 
 
+def in_default_domain(node: gs.Node) -> bool:
+    """True for nodes of the standard ONNX operator set."""
+    return node.domain in (None, "", "ai.onnx")
+
+
 def match_chain(model: Model, start: gs.Node, ops: Sequence[str]) -> tuple[list[gs.Node] | None, str]:
     """Follow single-consumer edges from `start` through `ops`; returns (nodes, "") or (None, why)."""
-    if start.op != ops[0] or start.domain not in ("", "ai.onnx"):
+    if start.op != ops[0] or not in_default_domain(start):
         return None, f"is {start.op}, not {ops[0]}"
     chain = [start]
     for op in ops[1:]:
@@ -53,7 +58,7 @@ def match_chain(model: Model, start: gs.Node, ops: Sequence[str]) -> tuple[list[
         if len(out.outputs) != 1:
             return None, f"{last.op} output {out.name!r} has {len(out.outputs)} consumers"
         nxt = out.outputs[0]
-        if nxt.op != op or nxt.domain not in ("", "ai.onnx"):
+        if nxt.op != op or not in_default_domain(nxt):
             return None, f"{last.op} feeds {nxt.op}, not {op}"
         chain.append(nxt)
     return chain, ""
