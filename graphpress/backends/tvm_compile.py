@@ -1,0 +1,288 @@
+"""ONNX -> Relax -> compiled library -> artifact, through Apache TVM 0.27.
+
+    graphpress.backends.compile("model.onnx", "x86", "out/model-x86")
+
+Steps: take the model (a path, an `onnx.ModelProto`, or a graphpress IR model), optionally run a
+graphpress pass pipeline on it, fix every input shape (symbolic dimensions are bound to 1, the
+batch-1 deployment case, unless `shapes` says otherwise), import it with
+`relax.frontend.onnx`, lower it (operator legalization and fusion), apply tuned schedules from a
+MetaSchedule database if one is given, let `tvm.compile` finish (for cuda: DLight GPU schedules,
+and PTX through the local nvcc), and write the artifact atomically.
+
+Ops TVM cannot import are reported with the op and node named before any compilation starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from ..errors import BackendError, GraphpressError
+from . import targets as targets_mod
+from ._tvm import summarize
+from .artifact import LIBRARY, ArtifactWriter, sha256
+
+#: TVM's ONNX importer handles these op types itself rather than through its converter table
+_DIRECTLY_IMPORTED = {"If", "Constant"}
+ORT_HINT = "the ONNX model still runs in onnxruntime"
+
+
+@dataclass
+class TensorSpec:
+    """Name, shape (ints; a str for a dimension only known at run time) and numpy dtype name."""
+
+    name: str
+    shape: list
+    dtype: str
+
+
+def compile(model, target: str | None = "x86", output: str | os.PathLike | None = None,
+            pipeline: str | None = None, *, arch: str | None = None, target_json: str | dict | None = None,
+            shapes: dict[str, list[int]] | None = None, tuning_db: str | os.PathLike | None = None,
+            progress: bool = True) -> Path:
+    """Compile `model` for `target` into an artifact; return the artifact's path.
+
+    `model`: path, `onnx.ModelProto`, or graphpress IR model. `target`: a name from
+    `targets.target_names()` (with `arch` for cuda), or None with `target_json` (a raw TVM target
+    dict). `output`: artifact directory, or a path ending in `.tar`; default `<model>-<target>` in
+    the current directory. `pipeline`: graphpress passes to run first, e.g. "fold". `shapes`:
+    input name -> full shape, for inputs with symbolic dimensions. `tuning_db`: a directory
+    written by `graphpress tune` for the same model and target.
+    """
+    spec = targets_mod.resolve(None if target_json is not None else target, arch, target_json)
+    started = time.perf_counter()
+    steps = ["load", "import", "lower", "codegen", "write"]
+    with tqdm(total=len(steps), desc="compile", unit="step", disable=None if progress else True, leave=False) as bar:
+        bar.set_postfix_str("load")
+        proto, where, source = load_onnx(model, pipeline)
+        output = Path(output) if output is not None else Path(f"{_stem(model)}-{spec.name}")
+        bar.update()
+        bar.set_postfix_str("import")
+        inputs, bound = input_specs(proto, shapes, where)
+        mod = import_relax(proto, inputs, where)
+        outputs = output_specs(mod, proto)
+        bar.update()
+        bar.set_postfix_str("lower")
+        tvm_target = spec.tvm_target()
+        mod = lower(mod, tvm_target)
+        tuning = None
+        if tuning_db is not None:
+            from .tuning import apply_database
+
+            mod, tuning = apply_database(mod, spec, tuning_db)
+        bar.update()
+        bar.set_postfix_str("codegen")
+        executable = build(mod, spec, tvm_target, where)
+        bar.update()
+        bar.set_postfix_str("write")
+        with ArtifactWriter(output) as writer:
+            export(executable, spec, writer.path(LIBRARY))
+            writer.write_model(proto.SerializeToString())
+            path = writer.commit({
+                "inputs": [asdict(t) for t in inputs],
+                "outputs": [asdict(t) for t in outputs],
+                "bound_dims": bound,
+                "target": {"name": spec.name, "kind": spec.kind, "arch": spec.arch, "config": spec.config},
+                "pipeline": pipeline,
+                "tuning": tuning,
+                "source": source,
+                "versions": versions(),
+                "compile_seconds": round(time.perf_counter() - started, 3),
+            })
+        bar.update()
+    return path
+
+
+def load_onnx(model, pipeline: str | None) -> tuple[onnx.ModelProto, str, dict]:
+    """The ModelProto to compile, a name for messages, and where it came from (path and sha256)."""
+    from ..ir.io import check_opsets, load_proto
+
+    source = {"path": None, "sha256": None}
+    if isinstance(model, (str, os.PathLike)):
+        where = str(model)
+        source = {"path": str(Path(model).resolve()), "sha256": sha256(Path(model)) if Path(model).is_file() else None}
+        proto = load_proto(model)
+        check_opsets(proto, where)
+    elif isinstance(model, onnx.ModelProto):
+        where, proto = "the given ModelProto", model
+    elif hasattr(model, "to_onnx"):
+        where, proto = "the given model", model.to_onnx()
+    else:
+        raise BackendError(f"cannot compile a {type(model).__name__}: give a path, an onnx.ModelProto or a graphpress model")
+    if pipeline:
+        from ..ir import load
+        from ..passes import run_pipeline
+
+        proto = run_pipeline(load(proto), pipeline).to_onnx()
+    return proto, where, source
+
+
+def input_specs(proto: onnx.ModelProto, shapes: dict | None, where: str) -> tuple[list[TensorSpec], dict]:
+    """Graph inputs (initializers excluded) with every dimension fixed; and the symbolic dims bound."""
+    shapes = dict(shapes or {})
+    initializers = {t.name for t in proto.graph.initializer}
+    specs, bound = [], {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise BackendError(f"{where}: input {value.name!r} is not a tensor; TVM artifacts take tensor inputs only")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+        given = shapes.pop(value.name, None)
+        if given is not None:
+            shape = _check_given_shape(value.name, declared, list(given), where)
+        else:
+            shape = []
+            for dim in declared:
+                if isinstance(dim, str):
+                    bound[dim] = 1
+                shape.append(1 if isinstance(dim, str) else dim)
+        specs.append(TensorSpec(value.name, shape, dtype))
+    if shapes:
+        known = ", ".join(s.name for s in specs)
+        raise BackendError(f"{where}: shape given for unknown input(s) {', '.join(shapes)}; the inputs are {known}")
+    return specs, bound
+
+
+def _check_given_shape(name: str, declared: list, given: list, where: str) -> list[int]:
+    if len(given) != len(declared):
+        raise BackendError(f"{where}: input {name!r} has rank {len(declared)} {declared}, but shape {given} was given")
+    for want, got in zip(declared, given):
+        if not isinstance(got, int) or got < 1 or (isinstance(want, int) and want not in (0, got)):
+            raise BackendError(f"{where}: shape {given} does not fit input {name!r} declared as {declared}")
+    return given
+
+
+def unsupported_nodes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node name, op) of every top-level node TVM's ONNX importer has no converter for."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    convert_map = _get_convert_map()
+    return [(node.name or f"#{i}", node.op_type) for i, node in enumerate(proto.graph.node)
+            if node.op_type not in convert_map and node.op_type not in _DIRECTLY_IMPORTED]
+
+
+def import_relax(proto: onnx.ModelProto, inputs: list[TensorSpec], where: str):
+    """Import into a Relax IRModule with weights as constants; errors name the op and node."""
+    missing = unsupported_nodes(proto)
+    if missing:
+        ops = sorted({op for _, op in missing})
+        name, op = missing[0]
+        more = f" and {len(missing) - 1} more node(s)" if len(missing) > 1 else ""
+        raise BackendError(f"{where}: TVM 0.27 cannot import op {op} (node {name!r}{more}; unsupported ops: "
+                           f"{', '.join(ops)}); {ORT_HINT}")
+    importer = _importer_class()(shape_dict={t.name: t.shape for t in inputs},
+                               dtype_dict={t.name: t.dtype for t in inputs}, keep_params_in_input=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the importer prints its inputs on failure
+            return importer.from_onnx(proto.graph, opset)
+    except GraphpressError:
+        raise
+    except Exception as exc:  # the importer raises whatever its converters raise
+        raise BackendError(f"{where}: TVM could not import the model ({summarize(exc)}); {ORT_HINT}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _importer_class():
+    """TVM's ONNX importer, subclassed so that per-node conversion errors name the op and the node."""
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    class NamingImporter(ONNXGraphImporter):
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            try:
+                return super()._convert_operator(op_name, inputs, attrs, opset)
+            except GraphpressError:
+                raise
+            except Exception as exc:  # converters raise ValueError, TVMError, AssertionError...
+                node = attrs.get("tvm_custom", {}).get("name") or "(unnamed)"
+                raise BackendError(f"TVM cannot convert op {op_name} at node {node!r} "
+                                   f"({summarize(exc)}); {ORT_HINT}") from exc
+
+    return NamingImporter
+
+
+def output_specs(mod, proto: onnx.ModelProto) -> list[TensorSpec]:
+    """Output names from the ONNX graph, shapes and dtypes from the imported Relax `main`."""
+    from tvm import relax
+
+    info = mod["main"].ret_ty
+    fields = list(info.fields) if isinstance(info, relax.TupleType) else [info]
+    names = [o.name for o in proto.graph.output]
+    if len(fields) != len(names):
+        raise BackendError(f"TVM's import returns {len(fields)} outputs for the model's {len(names)}")
+    specs = []
+    for name, field in zip(names, fields):
+        shape = [int(d) if hasattr(d, "value") else str(d) for d in field.shape.values] if field.shape is not None else []
+        specs.append(TensorSpec(name, shape, str(field.dtype)))
+    return specs
+
+
+def lower(mod, target):
+    """Legalize and fuse operators: the module that tuning extracts tasks from and databases apply to."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        return tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.get_pipeline("zero"),
+        ])(mod)
+
+
+def build(mod, spec: targets_mod.TargetSpec, target, where: str):
+    """`tvm.compile` the lowered module; for cuda with PTX device code from nvcc."""
+    import tvm
+
+    from . import cuda
+
+    codegen = cuda.device_codegen(spec.config["arch"]) if spec.kind == "cuda" else contextlib.nullcontext()
+    try:
+        with codegen:
+            return tvm.compile(mod, target=target)
+    except GraphpressError:
+        raise
+    except Exception as exc:  # TVM's lowering and codegen raise TVMError subclasses
+        raise BackendError(f"{where}: TVM failed to compile for {spec.name} ({summarize(exc)}); {ORT_HINT}") from exc
+
+
+def export(executable, spec: targets_mod.TargetSpec, path: Path) -> None:
+    """Write the shared library, cross-linking with the target's g++ when it is another architecture."""
+    from tvm.support import cc
+
+    if spec.arch == platform.machine():
+        executable.export_library(str(path))
+        return
+    linker = f"{spec.triple}-g++"
+    if shutil.which(linker) is None:
+        raise BackendError(f"linking a {spec.arch} artifact needs {linker} "
+                           f"(Debian/Ubuntu: apt-get install g++-{spec.triple.replace('_', '-')})")
+    executable.export_library(str(path), fcompile=cc.cross_compiler(linker))
+
+
+def versions() -> dict:
+    import tvm
+    import tvm_ffi
+
+    from .. import __version__
+
+    return {"graphpress": __version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
+            "onnx": onnx.__version__, "python": platform.python_version()}
+
+
+def _stem(model) -> str:
+    return Path(model).stem if isinstance(model, (str, os.PathLike)) else "model"

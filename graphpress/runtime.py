@@ -1,0 +1,98 @@
+"""Run a compiled artifact with the TVM runtime alone (no compiler, no ONNX).
+
+    model = graphpress.runtime.load("out/resnet8-x86")
+    outputs = model.run({"input_1": x})          # {"Identity": array(...)}
+
+`load` verifies the artifact's checksums first and refuses a damaged or incomplete one, and an
+artifact built for another architecture or for a GPU this machine lacks. `run` checks input names,
+dtypes and shapes against the artifact's metadata before anything reaches TVM. Threads: the TVM
+runtime reads TVM_NUM_THREADS once, when its thread pool first starts.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+
+from .backends.artifact import OpenedArtifact, open_artifact
+from .backends._tvm import summarize
+from .errors import BackendError
+
+
+class CompiledModel:
+    """A loaded artifact: `inputs`/`outputs` (metadata dicts) and `run`."""
+
+    def __init__(self, artifact: OpenedArtifact, shown_as: str):
+        self._artifact = artifact  # keeps an unpacked .tar's temporary directory alive
+        self.path = shown_as
+        self.metadata = artifact.metadata
+        self.inputs = self.metadata["inputs"]
+        self.outputs = self.metadata["outputs"]
+        self._vm, self._device = _load_vm(artifact, shown_as)
+
+    @property
+    def target(self) -> dict:
+        return self.metadata["target"]
+
+    def onnx_model_bytes(self) -> bytes:
+        """The serialized ONNX model this artifact was compiled from."""
+        return self._artifact.model_bytes()
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on named numpy inputs; return named numpy outputs."""
+        import tvm
+
+        arrays = self._check_inputs(inputs)
+        try:
+            result = self._vm["main"](*[tvm.runtime.tensor(a, self._device) for a in arrays])
+        except Exception as exc:  # TVM raises TVMError subclasses from inside the kernels
+            raise BackendError(f"{self.path}: running the model failed ({summarize(exc)})") from exc
+        results = list(result) if not hasattr(result, "numpy") else [result]
+        return {spec["name"]: r.numpy() for spec, r in zip(self.outputs, results)}
+
+    def _check_inputs(self, inputs: dict) -> list[np.ndarray]:
+        expected = [spec["name"] for spec in self.inputs]
+        missing = [n for n in expected if n not in inputs]
+        unknown = [n for n in inputs if n not in expected]
+        if missing or unknown:
+            raise BackendError(f"{self.path}: inputs must be exactly {expected}; "
+                               f"missing {missing}, unexpected {unknown}")
+        arrays = []
+        for spec in self.inputs:
+            array = np.ascontiguousarray(inputs[spec["name"]])
+            if array.dtype != np.dtype(spec["dtype"]):
+                raise BackendError(f"{self.path}: input {spec['name']!r} must be {spec['dtype']}, got {array.dtype}")
+            if list(array.shape) != list(spec["shape"]):
+                raise BackendError(f"{self.path}: input {spec['name']!r} must have shape {spec['shape']} "
+                                   f"(fixed at compile time), got {list(array.shape)}")
+            arrays.append(array)
+        return arrays
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Verify and load an artifact (directory or .tar) for running on this machine."""
+    return CompiledModel(open_artifact(path), str(path))
+
+
+def _load_vm(artifact: OpenedArtifact, shown_as: str):
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    target = artifact.metadata["target"]
+    here = platform.machine()
+    if target["arch"] != here:
+        raise BackendError(f"{shown_as}: compiled for {target['arch']} ({target['name']}); this machine is {here}. "
+                           f"Copy the artifact to a {target['arch']} machine and load it there")
+    device = tvm.cpu()
+    if target["kind"] == "cuda":
+        device = tvm.cuda()
+        if not device.exist:
+            raise BackendError(f"{shown_as}: compiled for an NVIDIA GPU ({target['config'].get('arch')}); "
+                               "this machine has no usable CUDA device")
+    try:
+        library = tvm.runtime.load_module(str(artifact.library))
+        return VirtualMachine(library, device), device
+    except Exception as exc:  # a library TVM cannot load raises TVMError/RuntimeError
+        raise BackendError(f"{shown_as}: the compiled library does not load ({summarize(exc)})") from exc
