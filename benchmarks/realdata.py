@@ -12,7 +12,6 @@ samples. MiniLM calibrates on the first sentence of every 13th STS-B test pair (
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -194,14 +193,8 @@ def _spearman(run: Runner, limit: int | None, batch_size: int) -> float:
     return float(spearmanr(cosine, data["score"][:count]).statistic)
 
 
+
 def machine() -> str:
     """The CPU model and core count, for benchmark reports."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores"
+    from graphpress.machine import describe
+    return describe()

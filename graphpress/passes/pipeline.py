@@ -77,7 +77,7 @@ class _Parser:
 
     # -- helpers ------------------------------------------------------------------------------------
     def _fail(self, pos: int, why: str):
-        raise PipelineError(f"bad pipeline at column {pos + 1}: {why}\n  {self.text}\n  {' ' * pos}^")
+        raise PipelineError(f"bad pipeline {self.text!r} at column {pos + 1}: {why}")
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None

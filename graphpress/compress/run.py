@@ -1,0 +1,162 @@
+"""`compress`: fold → prune-channels → svd-split → insert-qdq → compile, measured after every stage.
+
+Each compression stage is searched (see `search.py`) for its most aggressive setting whose metric stays
+within `budget` of the float model's; a stage that cannot stay within budget is skipped, and says so.
+The result is a directory: `model.onnx`, the compiled `artifact/`, `report.json`, `report.html` and the
+plots.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import GraphpressError
+from ..ir import Model, load, save
+from ..machine import describe
+from ..ir.execute import model_size_bytes
+from ..passes import PassManager
+from . import report
+from .evaluate import Agreement, Evaluator, Runnable
+from .measure import StageMeasure, latency_ms, measure_model
+from .search import Knob, SearchLog, Trial, most_aggressive_within
+
+DEFAULT_KNOBS = (
+    Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5))),
+    Knob("svd", tuple(f"svd-split(energy={e})" for e in (0.995, 0.99, 0.98, 0.95, 0.9))),
+    Knob("int8", ("insert-qdq(keep-float=auto)", "insert-qdq")),
+)
+#: every HOLDOUT_EVERY-th calibration batch is held out for the agreement metric when no --eval is given
+HOLDOUT_EVERY = 4
+
+
+def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: str | Path,
+             evaluator: Evaluator | None = None, budget: float = 0.01, target: str | None = "x86",
+             threads: int = 1, knobs: Sequence[Knob] = DEFAULT_KNOBS,
+             log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict:
+    """Compress `model` within `budget` (absolute metric drop), write OUT/, return the report dict."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    original = load(model)
+    calibration = list(calibration)
+    if not calibration:
+        raise GraphpressError("compress needs calibration data (--calib)")
+    metric_name = "metric (--eval)" if evaluator else None
+    if evaluator is None:
+        held_out = calibration[HOLDOUT_EVERY - 1::HOLDOUT_EVERY]
+        calibration = [b for i, b in enumerate(calibration) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+        evaluator = Agreement.against(original, held_out)
+        metric_name = f"{evaluator.kind} with float ({sum(len(next(iter(b.values()))) for b in held_out)} held-out samples)"
+
+    stages = [measure_model("float", "", original, evaluator, threads=threads)]
+    floor = stages[0].metric - budget
+    log(f"float: {metric_name} {stages[0].metric:.4f}; budget {budget:.4f} → floor {floor:.4f}")
+
+    current, pipeline = original, ["fold"]
+    start = time.perf_counter()
+    current = _apply(original, "fold", calibration)
+    stages.append(measure_model("fold", "fold", current, evaluator, time.perf_counter() - start, threads))
+
+    search = SearchLog()
+    for knob in knobs:
+        start = time.perf_counter()
+        chosen, candidates = _search_knob(knob, current, calibration, evaluator, floor, search, log)
+        if chosen is None:
+            log(f"{knob.stage}: every setting falls below the floor; stage skipped")
+            continue
+        current = candidates[chosen]
+        pipeline.append(chosen)
+        stages.append(measure_model(knob.stage, ",".join(pipeline), current, evaluator,
+                                    time.perf_counter() - start, threads))
+
+    final_path = save(current, output_dir / "model.onnx")
+    result = {
+        "model": str(model) if not isinstance(model, Model) else "model",
+        "pipeline": ",".join(pipeline),
+        "metric_name": metric_name,
+        "float_metric": stages[0].metric,
+        "budget": budget,
+        "metric_floor": floor,
+        "threads": threads,
+        "machine": describe(),
+        "onnx": str(final_path),
+    }
+    if target:
+        stages.append(_compile_stage(current, target, output_dir / "artifact", result["pipeline"], evaluator, threads))
+        result["artifact"] = str(output_dir / "artifact")
+    result["stages"] = [s.as_dict() for s in stages]
+    result["search"] = {"trials": [asdict(t) for t in search.trials],
+                        "pareto_front": [asdict(t) for t in search.pareto_front()]}
+    plots = report.plot(result, output_dir)
+    result["plots"] = {name: str(p) for name, p in plots.items()}
+    report.write_json(result, output_dir / "report.json")
+    report.write_html(result, plots, output_dir / "report.html")
+    return result
+
+
+def _apply(model: Model, pipeline: str, calibration) -> Model:
+    candidate = model.copy()
+    PassManager(pipeline).run(candidate, calibration=calibration)
+    return candidate
+
+
+def _search_knob(knob: Knob, current: Model, calibration, evaluator: Evaluator, floor: float,
+                 search: SearchLog, log) -> tuple[str | None, dict[str, Model]]:
+    from .evaluate import OnnxRunnable
+    candidates: dict[str, Model] = {}
+
+    def score(setting: str) -> float:
+        candidate = _apply(current, setting, calibration)
+        candidates[setting] = candidate
+        metric = evaluator(OnnxRunnable(candidate))
+        size = model_size_bytes(candidate)
+        search.trials.append(Trial(knob.stage, setting, size, metric))
+        log(f"{knob.stage}: {setting}: metric {metric:.4f}, {size / 1e6:.3f} MB "
+            f"{'within' if metric >= floor else 'below'} floor")
+        return metric
+
+    chosen = most_aggressive_within(knob.settings, score, floor)
+    for trial in search.trials:
+        if trial.stage == knob.stage and trial.pipeline == chosen:
+            trial.accepted = True
+    return chosen, candidates
+
+
+class CompiledRunnable:
+    """A compiled artifact behind the `Runnable` interface; batches are fed one sample at a time
+    because the artifact's shapes are fixed at compile time (batch 1)."""
+
+    def __init__(self, path: Path):
+        from .. import runtime
+        self.model = runtime.load(path)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = len(next(iter(inputs.values())))
+        rows = [self.model.run({k: v[i:i + 1] for k, v in inputs.items()}) for i in range(batch)]
+        return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+
+
+def _compile_stage(model: Model, target: str, path: Path, pipeline: str, evaluator: Evaluator,
+                   threads: int) -> StageMeasure:
+    import os
+    from ..backends import compile as compile_model
+    from ..ir import random_inputs
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    start = time.perf_counter()
+    compile_model(model, target, path, pipeline=None)
+    seconds = time.perf_counter() - start
+    runnable: Runnable = CompiledRunnable(path)
+    sample = {k: v[:1] for k, v in random_inputs(model, seed=1).items()}
+    static = measure_model("compiled", pipeline, model, None, threads=threads)
+    return StageMeasure(f"{target} artifact", pipeline, _tree_size(path), static.parameters, static.macs, static.nodes,
+                        latency_ms(runnable, sample), evaluator(runnable), seconds)
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
