@@ -1,0 +1,82 @@
+"""`compress`: the budget search, the Pareto front, --eval loading, and the report on a real small model."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from graphpress.cli import parse_budget
+from graphpress.compress import load_evaluator
+from graphpress.compress.search import SearchLog, Trial, most_aggressive_within
+from graphpress.errors import GraphpressError
+
+
+def test_binary_search_finds_the_most_aggressive_setting_within_the_floor():
+    scores = {"a": 0.99, "b": 0.98, "c": 0.97, "d": 0.90, "e": 0.80}
+    tried = []
+
+    def score(s):
+        tried.append(s)
+        return scores[s]
+
+    assert most_aggressive_within(list(scores), score, floor=0.965) == "c"
+    assert len(tried) <= 3
+    assert most_aggressive_within(list(scores), scores.get, floor=0.995) is None
+    assert most_aggressive_within(list(scores), scores.get, floor=0.0) == "e"
+
+
+def test_pareto_front_drops_dominated_trials():
+    log = SearchLog([Trial("p", "a", 100, 0.9), Trial("p", "b", 80, 0.9), Trial("p", "c", 60, 0.8),
+                     Trial("p", "d", 70, 0.7), Trial("p", "e", 120, 0.95)])
+    assert [t.pipeline for t in log.pareto_front()] == ["c", "b", "e"]
+
+
+@pytest.mark.parametrize("text, value", [("1%", 0.01), ("1.0%", 0.01), ("0.02", 0.02), ("0", 0.0)])
+def test_budget_parsing(text, value):
+    assert parse_budget(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["abc", "-1%", "1%%"])
+def test_bad_budget_is_refused(text):
+    with pytest.raises(GraphpressError, match="--budget"):
+        parse_budget(text)
+
+
+def test_eval_loads_from_a_module_path_and_a_file(tmp_path, monkeypatch):
+    (tmp_path / "my_metric.py").write_text(textwrap.dedent("""
+        def score(model):
+            return float(model.run({})["y"].sum())
+        def two_args(model, extra):
+            return 0
+        def not_a_number(model):
+            return "high"
+        CONSTANT = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Fake:
+        def run(self, inputs):
+            return {"y": np.ones(3)}
+
+    assert load_evaluator("my_metric:score")(Fake()) == 3.0
+    assert load_evaluator(f"{tmp_path / 'my_metric.py'}:score")(Fake()) == 3.0
+    with pytest.raises(GraphpressError, match="not a number"):
+        load_evaluator("my_metric:not_a_number")(Fake())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon", "expected MODULE:FUNCTION"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("my_metric:missing", "has no 'missing'"),
+    ("my_metric:CONSTANT", "is not a function"),
+    ("my_metric:two_args", "must take one argument"),
+    ("nowhere/file.py:f", "no such file"),
+    ("broken_metric:f", "importing broken_metric failed: ZeroDivisionError"),
+])
+def test_bad_eval_specs_have_clear_errors(tmp_path, monkeypatch, spec, message):
+    (tmp_path / "my_metric.py").write_text("CONSTANT = 3\ndef two_args(model, extra):\n    return 0\n")
+    (tmp_path / "broken_metric.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(GraphpressError, match=message):
+        load_evaluator(spec)
