@@ -100,13 +100,18 @@ class ArtifactWriter:
             raise
 
     def _commit_dir(self) -> None:
-        if not self.output.exists():
-            os.rename(self.staging, self.output)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.old.", dir=self.output.parent))
-        os.rename(self.output, old / "artifact")
-        os.rename(self.staging, self.output)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.staging, self.output)
+
+
+def replace_dir(staging: Path, output: Path) -> None:
+    """Move a finished directory to `output`, replacing an earlier one with two renames."""
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+    os.rename(output, old / "previous")
+    os.rename(staging, output)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -27,15 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import BackendError
-from ._tvm import summarize
+from ._tvm import cache_dir, summarize
 
 CUDA_ERROR_STUB_LIBRARY = 34
 _CALLBACK = "tvm_callback_cuda_compile"
-
-
-def cache_dir() -> Path:
-    """Where graphpress keeps files it builds once per machine (GRAPHPRESS_CACHE overrides)."""
-    return Path(os.environ.get("GRAPHPRESS_CACHE", Path.home() / ".cache" / "graphpress"))
 
 
 def ensure_runtime_plugin() -> None:

@@ -13,6 +13,8 @@ _PASSES: dict[str, type[Pass]] = {}
 #: modules whose import registers the built-in passes (imported on first registry lookup)
 BUILTIN_MODULES = (
     "graphpress.passes.fold",
+    "graphpress.passes.fold_constants",
+    "graphpress.passes.fold_shapes",
     "graphpress.passes.cleanup",
     "graphpress.passes.fusion",
     "graphpress.passes.qdq",
