@@ -1,0 +1,194 @@
+"""MetaSchedule tuning into a reusable database, measured locally or through a TVM RPC tracker.
+
+    graphpress tune model.onnx --target x86 --trials 200 -o model.db
+    graphpress compile model.onnx --target x86 --tuning-db model.db -o model-x86
+
+The model is imported and lowered exactly as `compile` does, so the tuned workloads match the ones
+`compile --tuning-db` looks up. Two pitfalls of TVM 0.27 are avoided here: its default builder
+timeout (30 s) is shorter than a builder worker's start-up (importing TVM's tensor intrinsics takes
+16-26 s), which makes every candidate fail and silently tunes nothing, so builders get 300 s; and a
+run in which no candidate was measured is an error, not an "untuned but fine" result.
+
+Measuring on another machine: start `python -m tvm.exec.rpc_tracker --port 9190` somewhere, and on
+each device `python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY`, then pass
+`rpc="HOST:9190", key="KEY"`. Candidates are exported as .tar and linked on the device.
+
+The database directory holds MetaSchedule's `database_workload.json` and
+`database_tuning_record.json` plus `graphpress-tuning.json` (target, model, trial count); it is
+written in a staging directory and renamed into place when tuning ends. Tuning again into an
+existing database for the same model and target adds to its records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import BackendError, GraphpressError
+from . import targets as targets_mod
+from ._tvm import summarize
+from .artifact import replace_dir
+
+INFO = "graphpress-tuning.json"
+_RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
+BUILDER_TIMEOUT_SEC = 300
+
+
+def tune(model, target: str | None = "x86", trials: int = 64, output: str | os.PathLike = "tuning.db", *,
+         arch: str | None = None, target_json: str | dict | None = None, shapes: dict | None = None,
+         rpc: str | None = None, key: str | None = None, progress: bool = True) -> dict:
+    """Tune `model` for `target` with up to `trials` measured candidates; return the database summary."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .tvm_compile import import_relax, input_specs, load_onnx, lower
+
+    if trials < 1:
+        raise BackendError(f"--trials must be at least 1, got {trials}")
+    spec = targets_mod.resolve(None if target_json is not None else target, arch, target_json)
+    runner, threads = _runner(spec, rpc, key)
+    proto, where, source = load_onnx(model, None)
+    inputs, _ = input_specs(proto, shapes, where)
+    mod = lower(import_relax(proto, inputs, where), spec.tvm_target())
+    tvm_target = _measuring_target(spec, threads)
+    output = Path(output)
+    previous = _read_info(output) if output.exists() else None
+    if previous is not None:
+        _check_same(previous, spec, source, output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    try:
+        if previous is not None:
+            for name in _RECORD_FILES:
+                shutil.copy2(output / name, staging / name)
+        measured = _run_tuning(ms, mod, tvm_target, staging, trials, runner, progress)
+        if measured == 0:
+            raise BackendError(f"{where}: tuning measured no candidate successfully (see {staging}/logs); "
+                               "nothing was written")
+        info = {"target": {"name": spec.name, "config": spec.config}, "source": source,
+                "inputs": {t.name: t.shape for t in inputs},
+                "trials": measured + (previous["trials"] if previous else 0),
+                "measured_by": f"rpc {rpc} key {key}" if rpc else "local"}
+        (staging / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(staging / "logs", ignore_errors=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
+
+
+def _measuring_target(spec: targets_mod.TargetSpec, threads: int):
+    """The target MetaSchedule tunes for: CPU targets must state `num-cores` (the runtime's threads)."""
+    if spec.kind != "llvm" or "num-cores" in spec.config:
+        return spec.tvm_target()
+    return targets_mod.TargetSpec(spec.name, {**spec.config, "num-cores": threads}).tvm_target()
+
+
+def _runner(spec: targets_mod.TargetSpec, rpc: str | None, key: str | None) -> tuple:
+    """The MetaSchedule runner and the measuring machine's TVM runtime thread count."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if rpc is None:
+        if key is not None:
+            raise BackendError("--key needs --rpc HOST:PORT")
+        if not spec.runs_here():
+            raise BackendError(f"candidates for {spec.name} cannot be measured on this machine; "
+                               "measure on the device with --rpc HOST:PORT --key KEY")
+        return ms.runner.LocalRunner(evaluator_config=evaluator), tvm_ffi.get_global_func("runtime.NumThreads")()
+    host, _, port = rpc.rpartition(":")
+    if not host or not port.isdigit() or key is None:
+        raise BackendError(f"--rpc must be HOST:PORT of a TVM RPC tracker and needs --key, got {rpc!r}")
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator), _remote_threads(config, rpc, key)
+
+
+def _remote_threads(config, rpc: str, key: str) -> int:
+    """Ask a device behind the tracker for its runtime thread count; fail clearly if there is none."""
+    try:
+        summary = config.connect_tracker().summary()
+    except Exception as exc:  # socket errors and TVMError from the RPC layer
+        raise BackendError(f"cannot reach the TVM RPC tracker at {rpc} ({summarize(exc)})") from exc
+    keys = set(summary.get("queue_info", {}))
+    if key not in keys:
+        raise BackendError(f"the tracker at {rpc} has no RPC server registered under key {key!r} "
+                           f"(keys: {', '.join(sorted(keys)) or 'none'})")
+    try:
+        session = config.connect_server()
+        return int(session.get_function("runtime.NumThreads")())
+    except Exception as exc:  # TVMError / socket errors from the RPC session
+        raise BackendError(f"the RPC server {key!r} at {rpc} does not answer ({summarize(exc)})") from exc
+
+
+def _run_tuning(ms, mod, target, work_dir: Path, trials: int, runner, progress: bool) -> int:
+    """Run MetaSchedule with a progress bar; return the number of successfully measured candidates."""
+    from tvm.ir.utils import derived_object
+
+    bar = tqdm(total=trials, desc="tune", unit="trial", disable=None if progress else True)
+    counts = {"measured": 0}
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            ok = sum(1 for r in runner_results if r.error_msg is None)
+            counts["measured"] += ok
+            bar.update(len(runner_results))
+            bar.set_postfix_str(f"task {task_id}, ok {counts['measured']}")
+
+    try:
+        # MetaSchedule's first round gives every task `num_trials_per_iter` trials: share the budget
+        tasks = len(ms.relax_integration.extract_tasks(mod, target))
+        ms.relax_integration.tune_relax(
+            mod=mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
+            num_trials_per_iter=max(1, min(64, trials // max(tasks, 1))),
+            builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_SEC),
+            runner=runner, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Progress()],
+        )
+    except GraphpressError:
+        raise
+    except Exception as exc:  # MetaSchedule raises TVMError subclasses
+        raise BackendError(f"MetaSchedule tuning failed ({summarize(exc)})") from exc
+    finally:
+        bar.close()
+    return counts["measured"]
+
+
+def _read_info(db: Path) -> dict:
+    info = db / INFO
+    if not db.is_dir() or not info.is_file() or not all((db / name).is_file() for name in _RECORD_FILES):
+        raise BackendError(f"{db}: not a tuning database written by `graphpress tune`")
+    return json.loads(info.read_text())
+
+
+def _check_target(info: dict, spec: targets_mod.TargetSpec, db: Path) -> None:
+    if info["target"]["config"] != spec.config:
+        raise BackendError(f"{db}: tuned for {json.dumps(info['target']['config'])}, not for "
+                           f"{json.dumps(spec.config)}; its records would not apply")
+
+
+def _check_same(info: dict, spec: targets_mod.TargetSpec, source: dict, db: Path) -> None:
+    _check_target(info, spec, db)
+    if source.get("sha256") and info["source"].get("sha256") and info["source"]["sha256"] != source["sha256"]:
+        raise BackendError(f"{db}: tuned for another model ({info['source']['path']})")
+
+
+def apply_database(mod, spec: targets_mod.TargetSpec, db: str | os.PathLike) -> tuple:
+    """Apply a tuning database's best schedules to a lowered module; return it and a summary."""
+    from tvm import relax, tirx
+    from tvm.s_tir import meta_schedule as ms
+
+    db = Path(db)
+    info = _read_info(db)
+    _check_target(info, spec, db)
+    database = ms.database.JSONDatabase(*(str(db / name) for name in _RECORD_FILES), allow_missing=False)
+    with spec.tvm_target(), database:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    prims = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
+    tuned = sum(1 for f in prims if f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+    return mod, {"db": str(db.resolve()), "trials": info["trials"], "tuned_functions": tuned, "functions": len(prims)}
