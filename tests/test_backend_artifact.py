@@ -1,0 +1,110 @@
+"""Artifact integrity: checksums verified on load, damaged or incomplete artifacts refused, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from graphpress import runtime
+from graphpress.backends import compile
+from graphpress.errors import BackendError
+from test_backend_models import conv_net
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return compile(conv_net(), "x86", tmp_path_factory.mktemp("art") / "conv", progress=False)
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(artifact, target)
+    return target
+
+
+def test_metadata_lists_every_file_with_sha256(artifact):
+    meta = json.loads((artifact / "metadata.json").read_text())
+    assert set(meta["files"]) == {"lib.so", "model.onnx.gz"}
+    assert all(len(digest) == 64 for digest in meta["files"].values())
+    assert meta["target"]["name"] == "x86" and meta["target"]["config"]["kind"] == "llvm"
+    assert {"graphpress", "tvm", "tvm_ffi", "onnx"} <= set(meta["versions"])
+
+
+def test_tampered_library_is_refused(copy):
+    lib = copy / "lib.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(BackendError, match="lib.so does not match its checksum"):
+        runtime.load(copy)
+
+
+def test_incomplete_artifacts_are_refused(copy):
+    (copy / "model.onnx.gz").unlink()
+    with pytest.raises(BackendError, match="incomplete artifact, model.onnx.gz is missing"):
+        runtime.load(copy)
+    (copy / "metadata.json").unlink()
+    with pytest.raises(BackendError, match="no metadata.json"):
+        runtime.load(copy)
+
+
+def test_unexpected_file_and_damaged_metadata_are_refused(copy):
+    (copy / "extra.so").write_bytes(b"x")
+    with pytest.raises(BackendError, match="unexpected file.*extra.so"):
+        runtime.load(copy)
+    (copy / "extra.so").unlink()
+    (copy / "metadata.json").write_text("{not json")
+    with pytest.raises(BackendError, match="metadata.json is damaged"):
+        runtime.load(copy)
+
+
+def test_tampered_tar_is_refused(artifact, tmp_path):
+    tar_path = tmp_path / "a.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ("metadata.json", "model.onnx.gz"):
+            tar.add(artifact / name, arcname=name)
+        lib = tmp_path / "lib.so"
+        lib.write_bytes((artifact / "lib.so").read_bytes()[:-100])  # truncated library
+        tar.add(lib, arcname="lib.so")
+    with pytest.raises(BackendError, match="lib.so does not match its checksum"):
+        runtime.load(tar_path)
+    tar_path.write_bytes(b"garbage")
+    with pytest.raises(BackendError, match="not an artifact"):
+        runtime.load(tar_path)
+
+
+def test_run_checks_inputs(artifact):
+    model = runtime.load(artifact)
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    with pytest.raises(BackendError, match="missing \\['x'\\], unexpected \\['z'\\]"):
+        model.run({"z": x})
+    with pytest.raises(BackendError, match="must be float32, got float64"):
+        model.run({"x": x.astype(np.float64)})
+    with pytest.raises(BackendError, match="must have shape \\[1, 3, 16, 16\\]"):
+        model.run({"x": np.zeros((2, 3, 16, 16), np.float32)})
+
+
+def test_overwrite_only_replaces_an_artifact(artifact, tmp_path):
+    again = compile(conv_net(), "x86", artifact, progress=False)  # an earlier artifact is replaced
+    runtime.load(again)
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    with pytest.raises(BackendError, match="not a graphpress artifact; refusing to overwrite"):
+        compile(conv_net(), "x86", unrelated, progress=False)
+    assert (unrelated / "notes.txt").read_text() == "keep me"
+
+
+def test_foreign_architecture_artifact_is_refused_clearly(copy):
+    meta_path = copy / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["target"]["arch"] = "aarch64"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BackendError, match="compiled for aarch64"):
+        runtime.load(copy)
