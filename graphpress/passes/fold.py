@@ -1,0 +1,61 @@
+"""`fold`: the clean-up pipeline run to a fixed point; a useful pipeline on its own.
+
+One round runs, in order: eliminate-identity, fold-constants, fold-shapes, fuse-conv-bn, fuse-conv-affine,
+fuse-matmul-add, dedup-initializers, cse, eliminate-dead. Each sub-pass can expose work for the others (a
+folded shape makes a Reshape a no-op, merged constants make two nodes equal, a fused Conv meets the next
+Mul), so rounds repeat until one changes nothing, at most `max_iterations` times. Fusions run before
+merging: two Convs that differ only in the BatchNormalization after them must not be merged into one
+Conv feeding both (the BatchNormalizations could then not be folded away).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..ir import Model
+from .base import Pass, PassContext, PassResult
+from .cleanup import CommonSubexpressions, DedupInitializers, EliminateDead, EliminateIdentity
+from .fold_constants import FoldConstants
+from .fold_shapes import FoldShapes
+from .fusion import FuseConvAffine, FuseConvBatchNorm, FuseMatMulAdd
+from .registry import register
+
+
+@register("fold")
+class Fold(Pass):
+    """Fold constants and shapes, remove dead/identity/duplicate nodes and fuse Conv+BN, Conv+Mul/Add
+    and MatMul+Add, repeated until nothing changes."""
+
+    max_iterations: int = 10       # cap on rounds of the whole sequence
+    max_growth: float = 4.0        # fold-constants: skip outputs this many times larger than their inputs ...
+    size_floor_kb: int = 1024      # ... when also larger than this (KiB)
+    fusions: bool = True           # run the Conv/MatMul fusions
+
+    def passes(self) -> list[Pass]:
+        """The sub-passes of one round, in order."""
+        fold_constants = FoldConstants()
+        # set, not passed to __init__: option checking there reads the class's source (slow at start-up)
+        fold_constants.max_growth, fold_constants.size_floor_kb = self.max_growth, self.size_floor_kb
+        sequence: list[Pass] = [EliminateIdentity(), fold_constants, FoldShapes()]
+        if self.fusions:
+            sequence += [FuseConvBatchNorm(), FuseConvAffine(), FuseMatMulAdd()]
+        return sequence + [DedupInitializers(), CommonSubexpressions(), EliminateDead()]
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        totals: Counter = Counter()
+        rounds = 0
+        for rounds in range(1, self.max_iterations + 1):
+            changed = False
+            for sub in self.passes():
+                with ctx.at(None):
+                    result = sub.run(model, ctx)
+                changed |= result.changed
+                for key, value in result.stats.items():
+                    if isinstance(value, (int, float)) and value:
+                        totals[f"{sub.name}.{key}"] += value
+            if not changed:
+                break
+        else:
+            ctx.log.info("fold stopped at its cap of %d rounds", self.max_iterations)
+        totals["rounds"] = rounds
+        return PassResult(changed=any(k != "rounds" for k in totals), stats=dict(totals))

@@ -1,0 +1,215 @@
+"""Fusions that fold a following per-channel affine op into the layer before it, as pattern rules.
+
+- `fuse-conv-bn`: Conv -> BatchNormalization (inference) becomes one Conv; the new weights are computed
+  in float64 and cast back, so the only error is the final rounding.
+- `fuse-conv-affine`: Conv -> Mul/Add by a per-output-channel (or scalar) constant becomes one Conv.
+- `fuse-matmul-add`: MatMul(x, W) -> Add(bias) becomes Gemm where x is 2-D, W a 2-D constant and the bias
+  a constant that broadcasts to the output without changing its shape. Elsewhere the pair is left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..ir import Model
+from .base import Pass, PassContext, PassResult
+from .nodes import NamePool
+from .pattern import Rule, apply_rules
+from .registry import register
+from .standalone import annotate_shapes
+
+FLOAT_KINDS = "f"
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A `Rule` whose rewrite also takes the run's `NamePool` (rules are made per run from these)."""
+
+    name: str
+    ops: tuple[str, ...]
+    check: Callable
+    rewrite: Callable
+
+    def rule(self, names: NamePool) -> Rule:
+        return Rule(self.name, self.ops, self.check, functools.partial(self.rewrite, names))
+
+
+def _conv_weights(model: Model, conv: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """The Conv's constant weight and bias (None if absent), or why they are not usable."""
+    weight = model.constant_value(conv.inputs[1])
+    if weight is None or weight.dtype.kind not in FLOAT_KINDS:
+        return "Conv weight is not a float constant"
+    bias = None
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        bias = model.constant_value(conv.inputs[2])
+        if bias is None:
+            return "Conv bias is not a constant"
+    return weight, bias
+
+
+def _fused_conv(names: NamePool, conv: gs.Node, last: gs.Node, weight: np.ndarray, bias: np.ndarray,
+                dtype: np.dtype) -> tuple[list[gs.Node], gs.Tensor]:
+    """A copy of `conv` with new weight and bias (computed in float64, stored as `dtype`)."""
+    out = last.outputs[0]
+    base = out.name
+    fused = gs.Node("Conv", names.fresh(last.name or base), attrs=dict(conv.attrs), inputs=[
+        conv.inputs[0],
+        gs.Constant(names.fresh(f"{base}/weight"), np.array(weight.astype(dtype), order="C")),
+        gs.Constant(names.fresh(f"{base}/bias"), np.array(bias.astype(dtype), order="C")),
+    ], outputs=[gs.Variable(names.fresh(f"{base}/fused"), dtype=out.dtype, shape=out.shape)])
+    return [fused], fused.outputs[0]
+
+
+def _per_channel(weight: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Broadcast `value` (a scalar or a tensor over the output-channel axis) to shape (C_out, 1, ..., 1)."""
+    channels = weight.shape[0]
+    flat = np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,))
+    return flat.reshape((channels,) + (1,) * (weight.ndim - 1))
+
+
+# ---- Conv + BatchNormalization --------------------------------------------------------------------
+def _check_conv_bn(model: Model, nodes: list[gs.Node]) -> str | None:
+    conv, bn = nodes
+    weights = _conv_weights(model, conv)
+    if isinstance(weights, str):
+        return weights
+    if bn.attrs.get("training_mode", 0) or any(t.outputs for t in bn.outputs[1:]):
+        return "BatchNormalization is in training mode"
+    if any(model.constant_value(t) is None for t in bn.inputs[1:5]):
+        return "BatchNormalization parameters are not constants"
+    return None
+
+
+def _rewrite_conv_bn(names: NamePool, model: Model, nodes: list[gs.Node]):
+    conv, bn = nodes
+    weight, bias = _conv_weights(model, conv)
+    scale, beta, mean, var = (model.constant_value(t).astype(np.float64) for t in bn.inputs[1:5])
+    factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    bias64 = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    new_weight = weight.astype(np.float64) * _per_channel(weight, factor)
+    new_bias = (bias64 - mean) * factor + beta
+    return _fused_conv(names, conv, bn, new_weight, new_bias, weight.dtype)
+
+
+CONV_BN = RuleSpec("conv-bn", ("Conv", "BatchNormalization"), _check_conv_bn, _rewrite_conv_bn)
+
+
+# ---- Conv + per-channel Mul / Add -------------------------------------------------------------------
+def _affine_operand(model: Model, nodes: list[gs.Node]) -> np.ndarray | str:
+    """The constant the Conv output is multiplied by / added to, if it acts per output channel."""
+    conv, op = nodes
+    others = [t for t in op.inputs if t is not conv.outputs[0]]
+    if len(others) != 1:
+        return f"{op.op} does not combine the Conv output with one other tensor"
+    value = model.constant_value(others[0])
+    if value is None or value.dtype.kind not in FLOAT_KINDS:
+        return f"{op.op} operand is not a float constant"
+    weight = model.constant_value(conv.inputs[1])
+    rank = weight.ndim if weight is not None else 0
+    if value.ndim > rank:
+        return f"{op.op} operand has a higher rank than the Conv output"
+    padded = (1,) * (rank - value.ndim) + value.shape
+    if padded[0] != 1 or any(d != 1 for d in padded[2:]) or padded[1] not in (1, weight.shape[0]):
+        return f"{op.op} operand of shape {value.shape} is not per output channel"
+    return value
+
+
+def _check_conv_affine(model: Model, nodes: list[gs.Node]) -> str | None:
+    weights = _conv_weights(model, nodes[0])
+    if isinstance(weights, str):
+        return weights
+    operand = _affine_operand(model, nodes)
+    return operand if isinstance(operand, str) else None
+
+
+def _rewrite_conv_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
+    conv, op = nodes
+    weight, bias = _conv_weights(model, conv)
+    vector = _per_channel(weight, _affine_operand(model, nodes)).reshape(-1)
+    bias64 = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    if op.op == "Mul":
+        new_weight = weight.astype(np.float64) * vector.reshape((-1,) + (1,) * (weight.ndim - 1))
+        return _fused_conv(names, conv, op, new_weight, bias64 * vector, weight.dtype)
+    return _fused_conv(names, conv, op, weight, bias64 + vector, weight.dtype)
+
+
+CONV_MUL = RuleSpec("conv-mul", ("Conv", "Mul"), _check_conv_affine, _rewrite_conv_affine)
+CONV_ADD = RuleSpec("conv-add", ("Conv", "Add"), _check_conv_affine, _rewrite_conv_affine)
+
+
+# ---- MatMul + Add -> Gemm ---------------------------------------------------------------------------
+GEMM_DTYPES = ("float16", "float32", "float64")
+
+
+def _check_matmul_add(model: Model, nodes: list[gs.Node]) -> str | None:
+    matmul, add = nodes
+    x = matmul.inputs[0]
+    weight = model.constant_value(matmul.inputs[1])
+    if x.shape is None or len(x.shape) != 2:
+        return "MatMul input is not known to be 2-D"
+    if weight is None or weight.ndim != 2 or str(weight.dtype) not in GEMM_DTYPES:
+        return "MatMul weight is not a 2-D float constant"
+    others = [t for t in add.inputs if t is not matmul.outputs[0]]
+    bias = model.constant_value(others[0]) if len(others) == 1 else None
+    if bias is None or bias.dtype != weight.dtype:
+        return "Add operand is not a constant of the weight's dtype"
+    rows, cols = x.shape[0], weight.shape[1]
+    allowed = {(), (1,), (cols,), (1, 1), (1, cols)} | ({(rows, cols), (rows, 1)} if isinstance(rows, int) else set())
+    if bias.shape not in allowed:
+        return f"bias of shape {bias.shape} does not broadcast to the MatMul output without changing it"
+    return None
+
+
+def _rewrite_matmul_add(names: NamePool, model: Model, nodes: list[gs.Node]):
+    matmul, add = nodes
+    bias = next(t for t in add.inputs if t is not matmul.outputs[0])
+    out = add.outputs[0]
+    gemm = gs.Node("Gemm", names.fresh(add.name or out.name), inputs=[matmul.inputs[0], matmul.inputs[1], bias],
+                   outputs=[gs.Variable(names.fresh(f"{out.name}/gemm"), dtype=out.dtype, shape=out.shape)])
+    return [gemm], gemm.outputs[0]
+
+
+MATMUL_ADD = RuleSpec("matmul-add", ("MatMul", "Add"), _check_matmul_add, _rewrite_matmul_add)
+
+
+def _rule_pass(specs: tuple[RuleSpec, ...], needs_shapes: bool = False):
+    """The run() of a pass that applies the rules and reports how often each fired."""
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        first_ops = {spec.ops[0] for spec in specs}
+        if not any(n.op in first_ops for n in model.graph.nodes):
+            return PassResult(changed=False)
+        if needs_shapes and any(n.inputs and n.inputs[0].shape is None for n in model.graph.nodes
+                                if n.op in first_ops):
+            annotate_shapes(model)
+        names = NamePool(model)
+        counts = apply_rules(model, [spec.rule(names) for spec in specs], ctx)
+        return PassResult(changed=any(counts.values()), stats=counts)
+
+    return run
+
+
+@register("fuse-conv-bn")
+class FuseConvBatchNorm(Pass):
+    """Fold an inference-mode BatchNormalization into the Conv before it (exact in float64, then cast)."""
+
+    run = _rule_pass((CONV_BN,))
+
+
+@register("fuse-conv-affine")
+class FuseConvAffine(Pass):
+    """Fold a Mul or Add by a per-output-channel constant into the Conv before it."""
+
+    run = _rule_pass((CONV_MUL, CONV_ADD))
+
+
+@register("fuse-matmul-add")
+class FuseMatMulAdd(Pass):
+    """Rewrite MatMul(x, W) + b as Gemm where x is 2-D and W, b are constants that fit Gemm exactly."""
+
+    run = _rule_pass((MATMUL_ADD,), needs_shapes=True)

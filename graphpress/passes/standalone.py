@@ -1,0 +1,125 @@
+"""Standalone ONNX models cut out of a graph: for shape inference and for evaluating constant nodes.
+
+Exporting the whole model (weights included) costs a copy of every weight, and an onnxruntime session on
+it costs a full load. The folding passes only need two small things:
+
+- `skeleton(model)`: the main graph's nodes with weights replaced by typed inputs, so that onnx shape
+  inference runs in milliseconds instead of serializing hundreds of megabytes;
+- `evaluate(model, nodes)`: the values of `nodes` whose inputs are all constants, computed in one
+  onnxruntime session holding only those nodes and the constants they read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+
+from ..errors import GraphpressError
+from ..ir import Model, session
+
+log = logging.getLogger("graphpress.passes")
+
+#: constants up to this many elements stay initializers in the skeleton (shape inference reads their
+#: values, e.g. a Reshape's target shape); larger ones become typed graph inputs
+SKELETON_MAX_ELEMENTS = 1024
+
+
+def skeleton(model: Model, max_elements: int = SKELETON_MAX_ELEMENTS) -> onnx.ModelProto:
+    """The main graph as a ModelProto whose large constants are typed inputs instead of initializers."""
+    graph = model.graph
+    nodes = [OnnxExporter.export_node(node) for node in graph.nodes]
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    initializers = []
+    for tensor in _constants_read_by(graph.nodes):
+        if _element_count(tensor) <= max_elements:
+            initializers.append(OnnxExporter.export_tensor_proto(tensor))
+        else:
+            inputs.append(onnx.helper.make_tensor_value_info(tensor.name, dtype_to_onnx(tensor.dtype),
+                                                             list(tensor.shape)))
+    outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    proto_graph = onnx.helper.make_graph(nodes, graph.name or "skeleton", inputs, outputs, initializers)
+    return _model_proto(model, proto_graph)
+
+
+def evaluate(model: Model, nodes: Sequence[gs.Node]) -> dict[str, np.ndarray]:
+    """Run `nodes` (in topological order, every input a constant or another of `nodes`' outputs) in one
+    onnxruntime session; returns output name -> value for every output that is a tensor.
+
+    Raises GraphpressError when onnxruntime cannot build or run that model.
+    """
+    produced = {t.name for node in nodes for t in node.outputs if t.name}
+    constants = [t for t in _constants_read_by(nodes) if t.name not in produced]
+    proto_graph = onnx.helper.make_graph(
+        [OnnxExporter.export_node(node) for node in nodes], "fold", [],
+        [onnx.ValueInfoProto(name=name) for name in sorted(produced)],
+        [OnnxExporter.export_tensor_proto(t) for t in constants])
+    proto = _model_proto(model, proto_graph)
+    sess = session(proto)
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(names, {})
+    except Exception as exc:  # onnxruntime's own exception types
+        raise GraphpressError(f"onnxruntime could not evaluate constant nodes: {exc}") from exc
+    return {name: value for name, value in zip(names, values) if isinstance(value, np.ndarray)}
+
+
+def _constants_read_by(nodes: Iterable[gs.Node]) -> list[gs.Constant]:
+    seen: dict[str, gs.Constant] = {}
+    for node in nodes:
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant) and tensor.name not in seen:
+                seen[tensor.name] = tensor
+    return list(seen.values())
+
+
+def _element_count(tensor: gs.Constant) -> int:
+    return int(np.prod(tensor.shape)) if tensor.shape is not None else 0
+
+
+def _model_proto(model: Model, graph: onnx.GraphProto) -> onnx.ModelProto:
+    imports = {"": model.opset}
+    for entry in model.graph.import_domains or []:
+        imports.setdefault(entry.domain, entry.version)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports.items()])
+    if model.graph.ir_version is not None:
+        proto.ir_version = model.graph.ir_version
+    return proto
+
+
+def annotate_shapes(model: Model) -> int:
+    """Fill in dtype and shape of main-graph tensors that lack them, by onnx shape inference (with
+    symbolic data propagation) on the skeleton. Symbolic dims stay strings. Returns how many tensors
+    gained a shape; inference failures are logged and leave the model as it was."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
+        log.debug("shape inference on the skeleton failed: %s", exc)
+        return 0
+    tensors = model.graph.tensors()
+    gained = 0
+    for info in inferred.graph.value_info:
+        tensor = tensors.get(info.name)
+        if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+            continue
+        ttype = info.type.tensor_type
+        if tensor.dtype is None and ttype.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if ttype.HasField("shape") and (tensor.shape is None or _unknown_dims(tensor.shape) >
+                                        _unknown_dims(_dims(ttype.shape))):
+            tensor.shape = _dims(ttype.shape)
+            gained += 1
+    return gained
+
+
+def _dims(shape: onnx.TensorShapeProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+
+def _unknown_dims(shape) -> int:
+    return sum(not isinstance(d, int) or d < 0 for d in shape)
