@@ -89,4 +89,5 @@ def insert_node_after(model: Model, tensor: gs.Tensor, op: str, extra_inputs=(),
 
 def new_constant(model: Model, base_name: str, values: np.ndarray) -> gs.Constant:
     """A new initializer with a unique name."""
-    return gs.Constant(model.unique_name(base_name), np.ascontiguousarray(values))
+    # np.array, not np.ascontiguousarray: that one turns a 0-d array into a 1-d one
+    return gs.Constant(model.unique_name(base_name), np.array(values, order="C"))

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 #: doc_string prefix that marks a node made by a graphpress rewrite rule
 PROVENANCE_PREFIX = "graphpress:"
@@ -108,7 +109,7 @@ class Model:
     def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         """The value of `tensor` if it is an initializer or the output of a Constant node, else None."""
         if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
+            return _values_of(tensor)
         producer = tensor.inputs[0] if tensor.inputs else None
         if producer is not None and producer.op == "Constant" and not producer.domain:
             return _constant_node_value(producer)
@@ -174,7 +175,7 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
     if "value" in attrs:
         value = attrs["value"]
-        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+        return _values_of(value) if isinstance(value, gs.Constant) else np.asarray(value)
     for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)
@@ -182,3 +183,15 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
         if key in attrs:
             return np.asarray(list(attrs[key]), dtype=dtype)
     return None  # sparse_value / string values: not treated as foldable constants
+
+
+def _values_of(constant: gs.Constant) -> np.ndarray:
+    """The constant's values. Tensors numpy cannot hold exactly (strings, bfloat16, float8, int4) are
+    decoded without replacing the stored protobuf: gs would otherwise re-encode the decoded array on
+    export, which fails for strings and silently changes the type of the others."""
+    stored = constant._values
+    if isinstance(stored, LazyValues):
+        numpy_type = onnx.helper.tensor_dtype_to_np_dtype(stored.tensor.data_type)
+        if numpy_type.kind not in "biufc?":
+            return np.asarray(stored.load())
+    return np.asarray(constant.values)
