@@ -107,7 +107,7 @@ def _check_option_types(cls: type) -> None:
     original_init = cls.__init__
 
     def __init__(self, **kwargs):
-        specs = {s.field: s for s in option_specs(cls)}
+        specs = {s.field: s for s in option_specs(cls)} if kwargs else {}
         for key, value in kwargs.items():
             if key in specs:
                 kwargs[key] = coerce(value, specs[key].type, f"{cls.name or cls.__name__}: option {specs[key].key}")

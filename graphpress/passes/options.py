@@ -12,6 +12,7 @@ field (`target_macs`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import types
@@ -43,7 +44,7 @@ class OptionSpec:
 def option_specs(cls: type) -> list[OptionSpec]:
     """The options of a pass class (a dataclass), in declaration order."""
     hints = typing.get_type_hints(cls)
-    helps = _comment_help(cls)
+    helps = dict(_comment_help(cls))
     specs = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -54,7 +55,9 @@ def option_specs(cls: type) -> list[OptionSpec]:
     return specs
 
 
+@functools.lru_cache(maxsize=None)
 def _comment_help(cls: type) -> dict[str, str]:
+    """Help text per option from the source comments (cached: reading source costs ~40 ms a class)."""
     helps: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
