@@ -1,0 +1,74 @@
+"""Sites that read the same weight are factored once: a `WeightGroup` is one weight and all its sites.
+
+Factoring a weight only saves parameters if the original disappears, so a group is refused when the
+weight has any other use (an op that is not factorable, a graph output, sites that read it in another
+orientation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir import Model
+from .sites import Site
+
+
+@dataclass
+class WeightGroup:
+    """One constant weight and the sites that multiply by it (all with the same matrix W [k, n])."""
+
+    sites: list[Site]
+
+    @property
+    def name(self) -> str:
+        node = self.sites[0].node
+        return node.name or f"{node.op} on {self.sites[0].source.name}"
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return self.sites[0].matrix
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    @property
+    def params(self) -> int:
+        return int(self.matrix.size)
+
+
+def group_sites(model: Model, sites: list[Site]) -> tuple[list[WeightGroup], dict[str, str]]:
+    """Group sites by their weight; returns the groups and {group name: why it was refused}."""
+    by_weight: dict[tuple[str, bool], list[Site]] = {}
+    for site in sites:
+        by_weight.setdefault((site.source.name, site.transposed), []).append(site)
+    groups, refused = [], {}
+    for members in by_weight.values():
+        group = WeightGroup(members)
+        why = _other_use(model, group)
+        if why:
+            refused[group.name] = why
+        else:
+            groups.append(group)
+    return groups, refused
+
+
+def _other_use(model: Model, group: WeightGroup) -> str:
+    """Why the weight must stay although its sites are factored ('' when nothing else reads it)."""
+    source = group.sites[0].source
+    if model.is_graph_output(source):
+        return f"weight {source.name!r} is a graph output"
+    ours = {id(site.node) for site in group.sites}
+    transposes = {id(node) for site in group.sites for node in site.via}
+    for consumer in model.consumers(source):
+        if id(consumer) in ours:
+            continue
+        if id(consumer) in transposes:
+            others = [c for c in model.consumers(consumer.outputs[0]) if id(c) not in ours]
+            if not others and not model.is_graph_output(consumer.outputs[0]):
+                continue
+            consumer = others[0] if others else consumer
+        return f"weight {source.name!r} is also read by {consumer.op} {consumer.name!r}"
+    return ""

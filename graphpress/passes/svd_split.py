@@ -1,0 +1,154 @@
+"""`svd-split`: low-rank factorization of MatMul/Gemm/Conv weights into two thin ops.
+
+`MatMul(x, W)` becomes `MatMul(MatMul(x, A), B)` with W ≈ A·B of rank r (Gemm and Conv likewise, see
+`graphpress.lowrank.sites`), wherever the factors hold fewer parameters than W (r < k·n/(k+n), with a
+margin). The rank of each weight comes from one of:
+
+- `energy=0.95` (default): the smallest rank keeping that share of the squared spectrum;
+- `ratio=0.25`: rank = ceil(ratio·min(k, n)) for every weight;
+- `target-params=0.75`: keep 75% of the parameters (of the model, or of the factorable weights with
+  `budget-of=layers`), spread over the weights by sensitivity (`graphpress.lowrank.rank`).
+
+With calibration data and `method=whitened` (the default) the factorization minimises the output
+error on that data instead of the weight error, and the spectra used to choose ranks are those of the
+whitened weights (`graphpress.lowrank.factorize`). Weights read by several ops are factored once; a
+weight that something else also reads is left alone. The factors are ordinary constant initializers
+of ordinary MatMul/Gemm/Conv ops, so `insert-qdq` after this pass quantizes them like any weight.
+Only main-graph ops are considered.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ..errors import GraphpressError
+from ..ir import Model, new_constant
+from ..lowrank.factorize import Decomposition, decompose, whitening_factor
+from ..lowrank.groups import WeightGroup, group_sites
+from ..lowrank.rank import LayerCost, allocate_budget, dropped_energy, energy_rank, max_useful_rank, ratio_rank
+from ..lowrank.sites import find_site
+from ..lowrank.statistics import input_grams
+from .base import Pass, PassContext, PassResult
+from .registry import register
+
+
+@register("svd-split")
+class SvdSplit(Pass):
+    """Split MatMul/Gemm/Conv weights into two thin factors (W ≈ A·B) where that saves parameters."""
+
+    energy: float = 0.95                   # keep this share of each weight's squared (whitened) spectrum
+    ratio: float | None = None             # instead: rank = ceil(ratio * min(k, n)) for every weight
+    target_params: float | None = None     # instead: keep this share of the parameters, spread by sensitivity
+    budget_of: Literal["model", "layers"] = "model"   # target-params is a share of all parameters, or of the factorable weights
+    margin: float = 0.1                    # split only if the factors hold under (1 - margin) of the weight's parameters
+    method: Literal["whitened", "plain"] = "whitened"  # whitened: minimise output error on calibration data (plain SVD without data)
+    damping: float = 0.01                  # added to the input Gram diagonal, as a share of its mean (whitened)
+    max_batches: int | None = None         # use at most this many calibration batches (None: all)
+    ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")  # op types to factor
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        self._check_options()
+        groups = self._groups(model, ctx)
+        decompositions = self._decompositions(model, groups, ctx)
+        ranks = self._ranks(model, groups, decompositions, ctx)
+        layers, before, after = [], 0, 0
+        for group, decomposition, rank in zip(groups, decompositions, ranks):
+            if rank is not None:
+                with ctx.at(group.sites[0].node):
+                    _split(model, group, decomposition, rank)
+            kept = group.params if rank is None else rank * sum(group.shape)
+            before, after = before + group.params, after + kept
+            layers.append({"name": group.name, "shape": list(group.shape), "rank": rank,
+                           "params": group.params, "kept": kept,
+                           "energy": float(1.0 - dropped_energy(decomposition.s)[rank]) if rank else 1.0})
+        split = sum(rank is not None for rank in ranks)
+        if split:
+            model.cleanup()
+        ctx.reports[self.name] = {"layers": layers, "params_before": before, "params_after": after}
+        return PassResult(changed=split > 0, stats={"split": split, "left": len(groups) - split,
+                                                    "params_removed": before - after})
+
+    def _check_options(self) -> None:
+        if self.ratio is not None and self.target_params is not None:
+            raise GraphpressError("svd-split: give either ratio or target-params, not both")
+        if not 0.0 <= self.margin < 1.0:
+            raise GraphpressError(f"svd-split: margin must be in [0, 1), got {self.margin}")
+        if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
+            raise GraphpressError(f"svd-split: target-params must be in (0, 1], got {self.target_params}")
+
+    def _groups(self, model: Model, ctx: PassContext) -> list[WeightGroup]:
+        sites = []
+        for node in model.nodes(op=self.ops, recursive=False):
+            site = find_site(model, node)
+            if isinstance(site, str):
+                ctx.log.debug("svd-split: leave %s %r: %s", node.op, node.name, site)
+            else:
+                sites.append(site)
+        groups, refused = group_sites(model, sites)
+        for name, why in refused.items():
+            ctx.log.debug("svd-split: leave %r: %s", name, why)
+        return groups
+
+    def _decompositions(self, model: Model, groups: list[WeightGroup], ctx: PassContext) -> list[Decomposition]:
+        """The SVD of every group's weight, whitened by its input statistics where data allows."""
+        whitenings: dict[int, np.ndarray] = {}
+        if self.method == "whitened" and ctx.calibration is None:
+            ctx.log.info("svd-split: no calibration data, so plain SVD (weight error, not output error)")
+        elif self.method == "whitened" and groups:
+            measurable = []
+            for i, group in enumerate(groups):
+                why = next((s.rows_reason() for s in group.sites if s.rows_reason()), "")
+                if why:
+                    ctx.log.debug("svd-split: plain SVD for %r: %s", group.name, why)
+                else:
+                    measurable.append(i)
+            grams = input_grams(model, [groups[i] for i in measurable], ctx.calibration, self.max_batches)
+            for j, i in enumerate(measurable):
+                with ctx.at(groups[i].sites[0].node):
+                    whitenings[i] = whitening_factor(grams[j], self.damping)
+        return [decompose(group.matrix, whitenings.get(i)) for i, group in enumerate(groups)]
+
+    def _ranks(self, model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
+               ctx: PassContext) -> list[int | None]:
+        """The rank of every group (None: leave it), by the chosen mode; logs why layers are left."""
+        limits = [max_useful_rank(*group.shape, self.margin) for group in groups]
+        if self.target_params is not None:
+            return self._budget_ranks(model, groups, decompositions, limits)
+        ranks = []
+        for group, decomposition, limit in zip(groups, decompositions, limits):
+            k, n = group.shape
+            if self.ratio is not None:
+                rank, why = ratio_rank(k, n, self.ratio), f"ratio {self.ratio}"
+            else:
+                rank, why = energy_rank(decomposition.s, self.energy), f"{self.energy:g} of the energy"
+            if rank > limit:
+                ctx.log.debug("svd-split: leave %r (%dx%d): %s needs rank %d, but only ranks up to %d save "
+                              "(margin %g)", group.name, k, n, why, rank, limit, self.margin)
+                rank = None
+            ranks.append(rank)
+        return ranks
+
+    def _budget_ranks(self, model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
+                      limits: list[int]) -> list[int | None]:
+        factorable = sum(group.params for group in groups)
+        total = model.parameter_count() if self.budget_of == "model" else factorable
+        budget = self.target_params * total - (total - factorable)
+        costs = [LayerCost(group.params, sum(group.shape), limit, dropped_energy(d.s))
+                 for group, d, limit in zip(groups, decompositions, limits)]
+        return allocate_budget(costs, budget) if groups else []
+
+
+def _split(model: Model, group: WeightGroup, decomposition: Decomposition, rank: int) -> None:
+    """Rewrite every site of `group` into two thin ops sharing one pair of factor initializers per layout."""
+    first, second = decomposition.factors(rank)
+    dtype = group.matrix.dtype
+    stored: dict[str, tuple] = {}
+    for site in group.sites:
+        if site.layout not in stored:
+            a, b = site.stored(first, second)
+            base = site.source.name
+            stored[site.layout] = (new_constant(model, f"{base}_svd_a", a.astype(dtype)),
+                                   new_constant(model, f"{base}_svd_b", b.astype(dtype)))
+        site.rewrite(model, *stored[site.layout])
