@@ -90,8 +90,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..runtime import load
 
-    inputs = _read_npz(Path(args.inputs))
-    outputs = load(args.artifact).run(inputs)
+    model = load(args.artifact)
+    outputs = model.run(_read_npz(Path(args.inputs)))
     if args.output:
         _write_npz(Path(args.output), outputs)
         print(f"wrote {args.output}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -111,6 +112,10 @@ def _runner(spec: targets_mod.TargetSpec, rpc: str | None, key: str | None) -> t
 
 def _remote_threads(config, rpc: str, key: str) -> int:
     """Ask a device behind the tracker for its runtime thread count; fail clearly if there is none."""
+    try:  # TVM's own connect retries for 60 s, logging a warning every 5 s
+        socket.create_connection((config.tracker_host, config.tracker_port), timeout=10).close()
+    except OSError as exc:
+        raise BackendError(f"cannot reach the TVM RPC tracker at {rpc} ({exc.strerror or exc})") from exc
     try:
         summary = config.connect_tracker().summary()
     except Exception as exc:  # socket errors and TVMError from the RPC layer
