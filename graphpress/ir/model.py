@@ -8,6 +8,7 @@ load -> save is lossless.
 
 from __future__ import annotations
 
+import base64
 import itertools
 from typing import Iterator
 
@@ -34,7 +35,7 @@ class Model:
     # ---- conversion -------------------------------------------------------------------------------
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto) -> "Model":
-        graph = gs.import_onnx(proto)
+        graph = gs.import_onnx(_type_attributes_as_text(proto))
         fields = {
             "doc_string": proto.doc_string,
             "domain": proto.domain,
@@ -46,7 +47,8 @@ class Model:
 
     def to_onnx(self) -> onnx.ModelProto:
         """Export to a ModelProto (the graph is not modified, not even topologically sorted)."""
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto = _export_with_optional_types(self)
+        _type_attributes_from_text(proto)
         proto.doc_string = self.proto_fields.get("doc_string", "")
         proto.domain = self.proto_fields.get("domain", "")
         proto.model_version = self.proto_fields.get("model_version", 0)
@@ -195,3 +197,70 @@ def _values_of(constant: gs.Constant) -> np.ndarray:
         if numpy_type.kind not in "biufc?":
             return np.asarray(stored.load())
     return np.asarray(constant.values)
+
+
+def _export_with_optional_types(model: "Model") -> onnx.ModelProto:
+    """`gs.export_onnx`, which fails on optional-typed inputs/outputs/values (gs imports them with the
+    element's TypeProto as dtype but cannot write them back): those are exported untyped, then their
+    optional type is written into the ValueInfoProtos by name."""
+    optional = {t.name: t for g in model.graphs() for t in g.tensors().values()
+                if isinstance(t, gs.Variable) and getattr(t, "type", None) == "optional_type"}
+    element_types = {name: t.dtype for name, t in optional.items()}
+    for tensor in optional.values():
+        tensor.dtype = None
+    try:
+        proto = gs.export_onnx(model.graph, do_type_check=False)
+    finally:
+        for name, tensor in optional.items():
+            tensor.dtype = element_types[name]
+    if element_types:
+        for graph in _graph_protos(proto.graph):
+            for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+                element = element_types.get(info.name)
+                if isinstance(element, onnx.TypeProto):
+                    info.type.optional_type.elem_type.CopyFrom(element)
+    return proto
+
+
+def _graph_protos(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """`graph` and every subgraph in its nodes' attributes, depth first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found.extend(_graph_protos(sub))
+    return found
+
+
+#: gs drops TYPE_PROTO attributes (e.g. Optional's `type`); they travel through gs as strings with this prefix
+TYPE_ATTRIBUTE_PREFIX = "graphpress-type-proto:"
+
+
+def _type_attributes_as_text(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto`, or a copy whose TYPE_PROTO attributes are base64 strings gs keeps (see `_type_attributes_from_text`)."""
+    def typed(graph: onnx.GraphProto):
+        return [a for g in _graph_protos(graph) for n in g.node for a in n.attribute
+                if a.type == onnx.AttributeProto.TYPE_PROTO]
+
+    if not typed(proto.graph):
+        return proto
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    for attr in typed(proto.graph):
+        text = TYPE_ATTRIBUTE_PREFIX + base64.b64encode(attr.tp.SerializeToString()).decode("ascii")
+        attr.ClearField("tp")
+        attr.type = onnx.AttributeProto.STRING
+        attr.s = text.encode("ascii")
+    return proto
+
+
+def _type_attributes_from_text(proto: onnx.ModelProto) -> None:
+    """Turn the prefixed strings written by `_type_attributes_as_text` back into TYPE_PROTO attributes."""
+    prefix = TYPE_ATTRIBUTE_PREFIX.encode("ascii")
+    for graph in _graph_protos(proto.graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.STRING and attr.s.startswith(prefix):
+                    type_proto = onnx.TypeProto.FromString(base64.b64decode(attr.s[len(prefix):]))
+                    attr.ClearField("s")
+                    attr.type = onnx.AttributeProto.TYPE_PROTO
+                    attr.tp.CopyFrom(type_proto)
