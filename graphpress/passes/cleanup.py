@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx.helper import tensor_dtype_to_np_dtype
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..ir import Model
 from .base import Pass, PassContext, PassResult
@@ -181,13 +182,15 @@ def _numpy_dtype(tensor: gs.Constant) -> np.dtype | None:
 
 
 def bytes_view(tensor: gs.Constant) -> np.ndarray:
-    """The constant's bytes as a flat uint8 array. A weight never decoded is read from its protobuf
-    without decoding it (decoding makes gs re-encode it on export, which costs a copy per save)."""
-    lazy = tensor._values
-    proto = getattr(lazy, "tensor", None)
-    if proto is not None and proto.raw_data and proto.data_location != proto.EXTERNAL:
-        return np.frombuffer(proto.raw_data, dtype=np.uint8)
-    return np.ascontiguousarray(tensor.values).reshape(-1).view(np.uint8)
+    """The numeric constant's bytes as a flat uint8 array. A weight never decoded is read from its
+    protobuf and left undecoded (a decoded weight is re-encoded by gs on every export)."""
+    stored = tensor._values
+    if isinstance(stored, LazyValues):
+        proto = stored.tensor
+        if proto.raw_data and proto.data_location != proto.EXTERNAL:
+            return np.frombuffer(proto.raw_data, dtype=np.uint8)
+        stored = stored.load()
+    return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
 
 
 @register("cse")
@@ -239,6 +242,8 @@ def _attr_key(value):
     if isinstance(value, (list, tuple)):
         return tuple(_attr_key(v) for v in value)
     if isinstance(value, gs.Constant):
+        if _numpy_dtype(value) is None:
+            raise TypeError("string or low-precision tensor attributes are not compared")
         return ("tensor", str(value.dtype), tuple(value.shape), bytes_view(value).tobytes())
     if isinstance(value, np.ndarray):
         return ("array", str(value.dtype), value.shape, value.tobytes())
