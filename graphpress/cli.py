@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .calibration import add_calibration_options, calibration_from_args
 from .errors import GraphpressError
 from .textable import format_table, human_bytes, human_count
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --check: exit 1 if any output differs by more than this (relative)")
     p.add_argument("--inputs", help=".npz of inputs for --check (default: generated from the input specs)")
     p.add_argument("--verify", action="store_true", help="run the onnx checker after every pass")
+    p.add_argument("--calib", help="calibration data for passes that need it (insert-qdq, data-aware pruning/SVD): "
+                                   "FILE.npz, a directory of .npy files, or a directory of images")
+    add_calibration_options(p)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")
@@ -124,7 +128,7 @@ def cmd_optimize(args) -> int:
     reference = model.to_onnx() if args.check else None
     before = summarize(model)
     start = time.perf_counter()
-    manager.run(model)
+    manager.run(model, calibration=calibration_from_args(args, model))
     elapsed = time.perf_counter() - start
     save(model, output)
     print_pass_table(manager.records)
@@ -214,9 +218,9 @@ def parse_budget(text: str) -> float:
 
 def cmd_compress(args) -> int:
     from .compress import compress, load_evaluator
+    from .ir import load
     evaluator = load_evaluator(args.eval_spec) if args.eval_spec else None
     budget = parse_budget(args.budget)
-    from .ir import load
     calibration = calibration_from_args(args, load(args.model))
     result = compress(args.model, calibration, args.output, evaluator=evaluator, budget=budget,
                       target=None if args.target == "none" else args.target, threads=args.threads)
