@@ -1,0 +1,9 @@
+"""graphpress' CPU lowering for TVM: channels-last layout, operator fusion and default schedules.
+
+`lower(mod, target)` turns an imported Relax module into a scheduled one for an llvm target;
+`schedules` holds the target-parameterized schedule rules; `machine` reads the vector unit.
+"""
+
+from .pipeline import lower
+
+__all__ = ["lower"]

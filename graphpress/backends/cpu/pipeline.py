@@ -1,0 +1,50 @@
+"""The Relax pass sequence graphpress uses for CPU (llvm) targets.
+
+    mod = cpu.lower(mod, target)     # then tvm.compile(mod, target)
+
+0. Clip as Relax ops (see `relax_rewrites`), so that layouts propagate through ReLU6.
+1. Layout: convolutions to channels-last (NHWC activations, HWIO weights) so the output channel
+   is the contiguous, vectorized axis of both the output and the weights; the weight transposes
+   fold into the constants, and layout conversions between consecutive convolutions cancel.
+2. Legalize and fuse: conv/matmul + bias + activation + residual add become one PrimFunc.
+3. Schedule every PrimFunc with the rules in `schedules` (target-parameterized, not tuned).
+"""
+
+from __future__ import annotations
+
+#: conv2d layout the schedules are written for: output channels innermost in data and weights
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
+def passes(target) -> list:
+    """The Relax passes for `target`, in order (layout, legalization, fusion, schedules)."""
+    from tvm import relax
+    from tvm.s_tir import dlight
+
+    from .relax_rewrites import clip_to_relax_ops, fold_constants_numpy
+    from .schedules import RULES
+
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        fold_constants_numpy(),
+        clip_to_relax_ops(),
+        relax.transform.ConvertLayout(CONV_LAYOUT),
+        fold_constants_numpy(),
+        relax.transform.FoldConstant(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+        dlight.ApplyDefaultSchedule(*RULES),
+    ]
+
+
+def lower(mod, target):
+    """Lower an imported Relax module for the llvm `target`: scheduled, ready for `tvm.compile`."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(passes(target))(mod)

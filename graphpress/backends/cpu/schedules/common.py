@@ -1,0 +1,59 @@
+"""Small helpers the CPU schedule rules share."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+#: below this many output elements a loop nest is not worth handing to the thread pool
+PARALLEL_MIN_ELEMENTS = 4096
+
+
+def const_extent(value) -> int | None:
+    """An extent as int, or None when it is symbolic."""
+    return int(value) if isinstance(value, (int, tirx.IntImm)) else None
+
+
+def divisor_at_most(n: int, limit: int, multiple_of: int = 1) -> int:
+    """The largest divisor of `n` that is <= `limit` and a multiple of `multiple_of` (1 if none)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0 and d % multiple_of == 0:
+            return d
+    return 1
+
+
+def innermost_index(region) -> tirx.Expr | None:
+    """The index expression of the innermost dimension of a buffer region (None for scalars)."""
+    return region.region[-1].min if len(region.region) else None
+
+
+def is_var(expr, var) -> bool:
+    return isinstance(expr, tirx.Var) and expr.same_as(var)
+
+
+def parallelize(sch: s_tir.Schedule, loops: list, elements: int) -> None:
+    """Fuse `loops` and run them on the thread pool when there is enough work."""
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if elements >= PARALLEL_MIN_ELEMENTS and const_extent(sch.get(fused).extent) not in (None, 1):
+        sch.parallel(fused)
+
+
+def consumer_chain(sch: s_tir.Schedule, block) -> list:
+    """The blocks after `block` in a fused function, inlined backwards into one epilogue block.
+
+    Returns [] when `block` writes the function output directly, else [epilogue block].
+    Blocks that cannot be inlined (e.g. a consumer with a second producer) stop the chain.
+    """
+    consumers = sch.get_consumers(block)
+    if not consumers:
+        return []
+    chain = [consumers[0]]
+    while True:
+        nxt = sch.get_consumers(chain[-1])
+        if len(nxt) != 1:
+            break
+        chain.append(nxt[0])
+    for later in reversed(chain[1:]):
+        sch.reverse_compute_inline(later)
+    return chain[:1]

@@ -1,0 +1,157 @@
+"""Register-tiled schedule for conv2d (incl. depthwise and 1x1), matmul/dense and pooling.
+
+Every such op, once legalized in a channels-last layout, is a block
+
+    out[s0, ..., s_{k-1}, s_k] (+)= f(in[..., r...], w[..., s_k])     s_k innermost in `out` and in `w`
+
+so one template fits all of them: split s_k into vectors (the output channels / matmul columns),
+fuse s_0..s_{k-1} (the output pixels / matmul rows) and split them into a register tile, keep the tile's accumulators in a
+`local` buffer that LLVM promotes to vector registers, put the reduction loops around the tile, and
+parallelize the loops outside it. The epilogue that FuseOps attached (bias, ReLU/Clip, residual add)
+is inlined into one block and computed per tile, right after the accumulators are final.
+
+Tile sizes follow from the target's vector width and register count only (no per-model tuning),
+see `register_tile`: one or two vectors of channels times as many pixels as the accumulator
+registers hold.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from ..machine import vector_unit
+from .common import consumer_chain, const_extent, divisor_at_most, innermost_index, is_var, parallelize
+
+
+class TiledReduction(CPUScheduleRule):
+    """Schedule a function whose one reduction block has its output's innermost axis in an operand's."""
+
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1 or not _fits(sch, reductions[0]):
+            return None
+        main = reductions[0].block_rv
+        dtype = str(sch.get(main).writes[0].source.dtype)
+        unit = vector_unit(target)
+        for producer in _injective_producers(sch, main):
+            sch.compute_inline(producer)
+        tile_reduction(sch, main, unit.lanes(dtype), unit.accumulators)
+        return sch
+
+
+def _fits(sch: s_tir.Schedule, info) -> bool:
+    """Static extents, spatial iters before reduction iters, and the innermost-axis condition."""
+    kinds = info.dom_kind()
+    if "O" in kinds or "R" not in kinds or kinds.rstrip("R") != kinds.replace("R", "") or kinds[0] != "S":
+        return False
+    if any(const_extent(d) is None for d in info.dom()):
+        return False
+    block = sch.get(info.block_rv)
+    last = block.iter_vars[len(kinds.replace("R", "")) - 1].var
+    if len(block.writes) != 1 or not is_var(innermost_index(block.writes[0]), last):
+        return False
+    return any(is_var(innermost_index(r), last) for r in block.reads)
+
+
+def _injective_producers(sch: s_tir.Schedule, block) -> list:
+    """Producers inside the function (padding, layout copies) to inline into the reduction.
+
+    Padding is inlined as a guarded load: the guard is on the spatial window position only, so it
+    does not stop the channel vectorization, and it saves a full copy of the input.
+    """
+    return [p for p in sch.get_producers(block) if not sch.get_producers(p)]
+
+
+def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int) -> None:
+    """Apply the register-tile schedule to the reduction `block` (loops ordered S..S R..R)."""
+    iters = sch.get(block).iter_vars
+    loops = sch.get_loops(block)
+    n_spatial = sum(1 for iv in iters if iv.iter_type == tirx.IterVar.DataPar)
+    spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    extents = [int(iv.dom.extent) for iv in iters[:n_spatial]]
+    work = 1
+    for e in extents:
+        work *= e
+    rows_axis, outer = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators)
+    if rows_axis is None:
+        c_out, p_out, c_in = sch.split(spatial[-1], [None, 1, vec := extents[-1] if extents[-1] <= 2 * lanes
+                                                      else register_tile(extents[-1], 1, lanes, accumulators)[0]])
+        p_in = None
+        sch.reorder(c_out, p_out, *reduce, c_in)
+    else:
+        vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators)
+        c_out, c_in = sch.split(spatial[-1], [None, vec])
+        p_out, p_in = sch.split(rows_axis, [None, rows])
+        sch.reorder(*outer, c_out, p_out, *reduce, p_in, c_in)
+    epilogue = consumer_chain(sch, block)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, p_out, preserve_unit_loops=False)
+    for ep in epilogue:
+        sch.reverse_compute_inline(ep)
+    _vectorize_tile(sch, local)
+    if p_in is not None:
+        sch.unroll(p_in)
+    sch.vectorize(c_in)
+    parallelize(sch, [*outer, c_out, p_out] if rows_axis is not None else [c_out, p_out], work)
+    sch.decompose_reduction(block, reduce[0])  # the init copies the unrolled, vectorized tile loops
+
+
+def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators):
+    """The loop whose iterations form the tile's rows, and the loops left outside the tile.
+
+    The innermost pixel loop (output width, matmul rows) when its extent gives a register tile at
+    least half as full as the best one; otherwise all pixel loops fused into one (7x7 outputs:
+    rows of 7 pixels rather than 1). Fusing costs index arithmetic on windowed (k>1) inputs, so it
+    is only done when it pays.
+    """
+    if not pixel_loops:
+        return None, []
+    total = 1
+    for e in pixel_extents:
+        total *= e
+
+    def fill(pixels):
+        vec, rows = register_tile(channels, pixels, lanes, accumulators)
+        return rows * -(-vec // lanes)
+
+    if len(pixel_loops) == 1 or 2 * fill(pixel_extents[-1]) >= fill(total):
+        return pixel_loops[-1], list(pixel_loops[:-1])
+    return sch.fuse(*pixel_loops), []
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def register_tile(channels: int, pixels: int, lanes: int, accumulators: int) -> tuple[int, int]:
+    """(output channels, output pixels) of one register tile.
+
+    Channels come in whole vectors that divide the channel count (one or two vectors; a plain
+    divisor when no vector divides it), pixels as a divisor of the pixel count; among those the
+    tile with the most accumulator vectors that fit the registers wins (ties: wider channels).
+    """
+    candidates = [v for v in (2 * lanes, lanes) if channels % v == 0] or [divisor_at_most(channels, 2 * lanes)]
+    best = None
+    for vec in candidates:
+        vectors = -(-vec // lanes)
+        rows = divisor_at_most(pixels, max(1, accumulators // vectors))
+        score = (rows * vectors, vec)
+        if best is None or score > best[0]:
+            best = (score, (vec, rows))
+    return best[1]
+
+
+def _vectorize_tile(sch: s_tir.Schedule, block) -> None:
+    """Vectorize the innermost loop of a tile-sized block and unroll the one around it."""
+    loops = sch.get_loops(block)
+    sch.vectorize(loops[-1])
+    if len(loops) > 1 and const_extent(sch.get(loops[-2]).extent) not in (None, 1):
+        sch.unroll(loops[-2])
