@@ -115,6 +115,9 @@ def entropy_range(hist: Histogram, levels: int = 128, stride: int = 8) -> tuple[
     """TensorRT's calibration: the threshold T on |x| whose quantization into `levels` bins keeps the
     distribution closest in KL divergence; the range is [lo, hi] clipped to [-T, T]."""
     counts, upper = hist.magnitudes()
+    # the spike of exact zeros (ReLU outputs, padding) would dominate the KL of every merged first group
+    # and drive the threshold down to the smallest candidate; flatten it like pytorch-quantization does
+    counts[0] = counts[1]
     best_kl, best = np.inf, len(counts)
     for end in range(levels, len(counts) + 1, stride):
         kl = _clipped_kl(counts, end, levels)

@@ -26,7 +26,9 @@ import onnx_graphsurgeon as gs
 from ..ir import Model
 
 COVERED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
-               "GlobalAveragePool", "GlobalMaxPool", "Resize")
+               "GlobalAveragePool", "GlobalMaxPool", "Resize", "Gather")
+#: ops whose constant table is stored int8 (per row) while their output stays float: embedding lookups
+WEIGHT_ONLY_OPS = ("Gather",)
 #: activations an int8 kernel applies before requantizing: quantize after them, not between
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")
 #: ops whose output reuses the input's scale and zero point
@@ -102,6 +104,8 @@ def weight_axis(node: gs.Node, index: int, ndim: int) -> int | None:
         return ndim - 1
     if node.op == "Gemm" and index == 1:
         return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "Gather" and index == 0 and node.attrs.get("axis", 0) == 0 and ndim == 2:
+        return 0  # one scale per embedding row
     return None
 
 
@@ -141,6 +145,8 @@ def make_plan(model: Model, dtypes: dict[str, np.dtype], selection: Selection, p
 def _plan_node(model: Model, node: gs.Node, dtypes, selection: Selection, per_channel: bool,
                plan: QuantPlan) -> str | None:
     """Add `node`'s tensors to `plan`; return why the node is skipped, or None."""
+    if node.op in WEIGHT_ONLY_OPS:
+        return _plan_table(model, node, per_channel, plan)
     data = node.inputs[:_DATA_INPUTS.get(node.op, len(node.inputs))]
     if not node.outputs or not is_float(node.outputs[0], dtypes):
         return "its output is not float32"
@@ -170,6 +176,19 @@ def _plan_node(model: Model, node: gs.Node, dtypes, selection: Selection, per_ch
             plan.weights[name] = axis if plan.weights.get(name, axis) == axis else None
     _plan_bias(model, node, bias, activations, plan)
     _plan_output(model, node, activations[0], plan)
+    return None
+
+
+def _plan_table(model: Model, node: gs.Node, per_channel: bool, plan: QuantPlan) -> str | None:
+    """A lookup table (Gather's data) stored as int8; the gathered rows stay float."""
+    table = node.inputs[0]
+    value = model.constant_value(table)
+    if value is None or value.dtype != np.float32 or value.size == 0:
+        return "its table is not a float32 constant"
+    if already_quantized(table):
+        return "its table is already quantized"
+    plan.nodes.append(node.name)
+    plan.weights[table.name] = weight_axis(node, 0, value.ndim) if per_channel else None
     return None
 
 
