@@ -47,7 +47,7 @@ def lower_and_run(model: onnx.ModelProto, feeds: dict, target_name: str = "x86")
     mod = import_relax(model, specs, "test")
     target = targets.resolve(target_name).tvm_target()
     with target:
-        fused = tvm.transform.Sequential(pipeline.passes(target)[:-1])(mod)
+        fused = pipeline.prepare(mod, target)
     rules = {gv.name_hint: _rule_for(func, target) for gv, func in fused.functions_items()
              if isinstance(func, tvm.tirx.PrimFunc)}
     executable = tvm.compile(pipeline.lower(mod, target), target=target)

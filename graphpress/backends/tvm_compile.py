@@ -236,6 +236,10 @@ def lower(mod, target):
     import tvm
     from tvm import relax
 
+    if target.kind.name == "llvm":  # graphpress' CPU layer: channels-last layout and fusion (backends/cpu)
+        from .cpu import prepare
+
+        return prepare(mod, target)
     with target:
         return tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
@@ -252,6 +256,10 @@ def build(mod, spec: targets_mod.TargetSpec, target, where: str):
 
     codegen = cuda.device_codegen(spec.config["arch"]) if spec.kind == "cuda" else contextlib.nullcontext()
     try:
+        if spec.kind == "llvm":  # default schedules for every function a tuning database did not schedule
+            from .cpu import schedule
+
+            mod = schedule(mod, target)
         with codegen:
             return tvm.compile(mod, target=target)
     except GraphpressError:

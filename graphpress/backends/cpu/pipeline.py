@@ -2,6 +2,10 @@
 
     mod = cpu.lower(mod, target)     # then tvm.compile(mod, target)
 
+`lower` = `prepare` (steps 0-2, unscheduled: what MetaSchedule tuning extracts tasks from and a
+tuning database applies to) followed by `schedule` (step 3, only functions not scheduled yet, so
+tuned functions keep their tuned schedules).
+
 0. Clip as Relax ops (see `relax_rewrites`), so that layouts propagate through ReLU6.
 1. Layout: convolutions to channels-last (NHWC activations, HWIO weights) so the output channel
    is the contiguous, vectorized axis of both the output and the weights; the weight transposes
@@ -16,13 +20,11 @@ from __future__ import annotations
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def passes(target) -> list:
-    """The Relax passes for `target`, in order (layout, legalization, fusion, schedules)."""
+def prepare_passes(target) -> list:
+    """Layout, legalization and fusion passes for `target`, in order (no schedules)."""
     from tvm import relax
-    from tvm.s_tir import dlight
 
     from .relax_rewrites import clip_to_relax_ops, fold_constants_numpy
-    from .schedules import RULES
 
     return [
         relax.transform.DecomposeOpsForInference(),
@@ -38,13 +40,27 @@ def passes(target) -> list:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
-        dlight.ApplyDefaultSchedule(*RULES),
     ]
+
+
+def prepare(mod, target):
+    """Fused, channels-last, legalized module for the llvm `target`, not yet scheduled."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(prepare_passes(target))(mod)
+
+
+def schedule(mod, target):
+    """Apply the default schedule rules to every PrimFunc of `mod` that has no schedule yet."""
+    from tvm.s_tir import dlight
+
+    from .schedules import RULES
+
+    with target:
+        return dlight.ApplyDefaultSchedule(*RULES)(mod)
 
 
 def lower(mod, target):
     """Lower an imported Relax module for the llvm `target`: scheduled, ready for `tvm.compile`."""
-    import tvm
-
-    with target:
-        return tvm.transform.Sequential(passes(target))(mod)
+    return schedule(prepare(mod, target), target)
