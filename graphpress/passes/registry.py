@@ -39,8 +39,12 @@ def register(name: str):
     return decorate
 
 
-def _load_builtins() -> None:
+def _load_builtins(until: str | None = None) -> None:
+    """Import the built-in pass modules in order; with `until`, stop once that pass is registered
+    (so `-p fold` does not pay for importing scipy and the quantizer)."""
     for module in BUILTIN_MODULES:
+        if until is not None and until in _PASSES:
+            return
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -50,7 +54,7 @@ def _load_builtins() -> None:
 
 def get(name: str) -> type[Pass]:
     """The pass class registered as `name`; an unknown name suggests the closest known ones."""
-    _load_builtins()
+    _load_builtins(until=name)
     if name not in _PASSES:
         close = difflib.get_close_matches(name, list(_PASSES), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known passes: {', '.join(sorted(_PASSES))}"
