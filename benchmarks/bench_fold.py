@@ -1,0 +1,164 @@
+"""`graphpress optimize -p fold` against onnxslim and onnxsim, in one run, on the same models.
+
+Each tool runs as a subprocess (start-up included, as a user would run it), `--repeats` times per model,
+interleaved; we record the median wall time, the peak resident memory (`/usr/bin/time`), the node count
+and the file size of what it wrote, and how far its outputs are from the original model's (random
+inputs of the right kind, onnxruntime). `graphpress-api` is the same fold from Python (load, fold,
+save) without the CLI's report, to show what the CLI adds.
+
+    .venv/bin/python -m benchmarks.bench_fold            # writes benchmarks/results/fold.json and fold.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RESULTS = ROOT / "benchmarks" / "results"
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+MODELS = {
+    "minilm_l6_v2": ROOT.parent / "shared" / "models" / "minilm_l6_v2.onnx",
+    "mobilenet_v2": ROOT.parent / "shared" / "models" / "mobilenet_v2_1.0_224.onnx",
+    "light_resnet50": LIGHT / "light_resnet50.onnx",
+    "light_inception_v2": LIGHT / "light_inception_v2.onnx",
+}
+
+API_SCRIPT = ("import sys, graphpress as gp; m = gp.load(sys.argv[1]); "
+              "gp.PassManager('fold').run(m); gp.save(m, sys.argv[2])")
+
+TOOLS = {
+    "graphpress": lambda src, dst: [str(BIN / "graphpress"), "optimize", str(src), "-p", "fold", "-o", str(dst)],
+    "graphpress-api": lambda src, dst: [sys.executable, "-c", API_SCRIPT, str(src), str(dst)],
+    "onnxslim": lambda src, dst: [str(BIN / "onnxslim"), str(src), str(dst)],
+    "onnxsim": lambda src, dst: [str(BIN / "onnxsim"), str(src), str(dst)],
+}
+
+
+def timed(command: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in KiB, error text or '') of one subprocess run under /usr/bin/time."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "__peak_kb=%M", *command], capture_output=True, text=True,
+                          cwd=ROOT)
+    wall = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    peak = next((int(line.split("=")[1]) for line in lines if line.startswith("__peak_kb=")), 0)
+    messages = [line for line in lines if line.strip() and not line.startswith("__peak_kb=")]
+    error = "" if proc.returncode == 0 else (messages[-1] if messages else f"exit {proc.returncode}")[:300]
+    return wall, peak, error
+
+
+def file_bytes(path: Path) -> int:
+    extra = path.with_name(path.name + ".data")
+    return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
+
+
+def output_error(original: Path, result: Path) -> float:
+    """Largest relative output difference of `result` against `original` on random inputs."""
+    import graphpress.ir as ir
+    return ir.compare(ir.load(original), ir.load(result)).max_rel
+
+
+def bench(repeats: int, models: list[str]) -> dict:
+    from tqdm import tqdm
+
+    from benchmarks.realdata import machine
+    report = {"machine": machine(), "repeats": repeats, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [(m, t, r) for r in range(repeats) for m in models for t in TOOLS]
+        samples: dict[tuple[str, str], list[tuple[float, int, str]]] = {}
+        for model, tool, _ in tqdm(runs, desc="fold benchmark", unit="run"):
+            out = Path(tmp) / f"{model}.{tool}.onnx"
+            samples.setdefault((model, tool), []).append(timed(TOOLS[tool](MODELS[model], out)))
+        for model in models:
+            source = MODELS[model]
+            entry = {"input": {"nodes": len(onnx.load(source, load_external_data=False).graph.node),
+                               "bytes": file_bytes(source)}, "tools": {}}
+            for tool in TOOLS:
+                runs_ = samples[(model, tool)]
+                out = Path(tmp) / f"{model}.{tool}.onnx"
+                errors = [e for _, _, e in runs_ if e]
+                if errors or not out.exists():
+                    entry["tools"][tool] = {"error": errors[0] if errors else "no output"}
+                    continue
+                entry["tools"][tool] = {
+                    "seconds": statistics.median(w for w, _, _ in runs_),
+                    "seconds_all": [round(w, 3) for w, _, _ in runs_],
+                    "peak_rss_mb": max(p for _, p, _ in runs_) / 1024,
+                    "nodes": len(onnx.load(out, load_external_data=False).graph.node),
+                    "bytes": file_bytes(out),
+                    "max_rel_output_error": output_error(source, out),
+                }
+            entry["ratios"] = ratios(entry["tools"])
+            report["models"][model] = entry
+    return report
+
+
+def ratios(tools: dict) -> dict:
+    """graphpress against each peer: time ratio (lower is better) and node difference (<= 0 is the goal)."""
+    result = {}
+    for ours in ("graphpress", "graphpress-api"):
+        if "seconds" not in tools.get(ours, {}):
+            continue
+        for peer in ("onnxslim", "onnxsim"):
+            if "seconds" not in tools.get(peer, {}):
+                continue
+            result[f"{ours}/{peer}"] = {
+                "time_ratio": round(tools[ours]["seconds"] / tools[peer]["seconds"], 3),
+                "nodes_minus_peer": tools[ours]["nodes"] - tools[peer]["nodes"],
+            }
+    return result
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(TOOLS)
+    for i, tool in enumerate(TOOLS):
+        entries = [report["models"][m]["tools"].get(tool, {}) for m in models]
+        xs = [j + i * width for j in range(len(models))]
+        axes[0].bar(xs, [e.get("seconds", 0) for e in entries], width, label=tool)
+        axes[1].bar(xs, [e.get("nodes", 0) for e in entries], width, label=tool)
+    for ax, title in zip(axes, ("wall time incl. start-up (s, median)", "nodes after")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, rotation=15)
+        ax.set_title(title)
+    axes[1].legend()
+    fig.suptitle(f"fold vs onnxslim / onnxsim — {report['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    args = parser.parse_args()
+    missing = [m for m in args.models if not MODELS[m].exists()]
+    if missing:
+        sys.exit(f"models not found: {', '.join(str(MODELS[m]) for m in missing)}")
+    report = bench(args.repeats, args.models)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fold.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, RESULTS / "fold.png")
+    for model, entry in report["models"].items():
+        line = ", ".join(f"{t} {e['seconds']:.2f}s/{e['nodes']}n" if "seconds" in e else f"{t} error"
+                         for t, e in entry["tools"].items())
+        print(f"{model} ({entry['input']['nodes']} nodes): {line}")
+
+
+if __name__ == "__main__":
+    main()
