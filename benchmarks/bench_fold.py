@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,17 +46,19 @@ TOOLS = {
 }
 
 
-def timed(command: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in KiB, error text or '') of one subprocess run under /usr/bin/time."""
+def timed(command: list[str]) -> tuple[float, float, int, str]:
+    """(wall seconds, CPU seconds (user + system), peak RSS in KiB, error text or '') of one subprocess
+    run under /usr/bin/time. CPU time is reported beside wall time because it is far less sensitive to
+    other load on the machine."""
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "__peak_kb=%M", *command], capture_output=True, text=True,
+    proc = subprocess.run(["/usr/bin/time", "-f", "__usage=%M %U %S", *command], capture_output=True, text=True,
                           cwd=ROOT)
     wall = time.perf_counter() - start
     lines = proc.stderr.strip().splitlines()
-    peak = next((int(line.split("=")[1]) for line in lines if line.startswith("__peak_kb=")), 0)
-    messages = [line for line in lines if line.strip() and not line.startswith("__peak_kb=")]
+    usage = next((line.split("=")[1].split() for line in lines if line.startswith("__usage=")), ["0", "0", "0"])
+    messages = [line for line in lines if line.strip() and not line.startswith("__usage=")]
     error = "" if proc.returncode == 0 else (messages[-1] if messages else f"exit {proc.returncode}")[:300]
-    return wall, peak, error
+    return wall, float(usage[1]) + float(usage[2]), int(usage[0]), error
 
 
 def file_bytes(path: Path) -> int:
@@ -73,10 +76,10 @@ def bench(repeats: int, models: list[str]) -> dict:
     from tqdm import tqdm
 
     from benchmarks.realdata import machine
-    report = {"machine": machine(), "repeats": repeats, "models": {}}
+    report = {"machine": machine(), "load_average_at_start": os.getloadavg(), "repeats": repeats, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(m, t, r) for r in range(repeats) for m in models for t in TOOLS]
-        samples: dict[tuple[str, str], list[tuple[float, int, str]]] = {}
+        samples: dict[tuple[str, str], list[tuple[float, float, int, str]]] = {}
         for model, tool, _ in tqdm(runs, desc="fold benchmark", unit="run"):
             out = Path(tmp) / f"{model}.{tool}.onnx"
             samples.setdefault((model, tool), []).append(timed(TOOLS[tool](MODELS[model], out)))
@@ -87,14 +90,15 @@ def bench(repeats: int, models: list[str]) -> dict:
             for tool in TOOLS:
                 runs_ = samples[(model, tool)]
                 out = Path(tmp) / f"{model}.{tool}.onnx"
-                errors = [e for _, _, e in runs_ if e]
+                errors = [e for *_, e in runs_ if e]
                 if errors or not out.exists():
                     entry["tools"][tool] = {"error": errors[0] if errors else "no output"}
                     continue
                 entry["tools"][tool] = {
-                    "seconds": statistics.median(w for w, _, _ in runs_),
-                    "seconds_all": [round(w, 3) for w, _, _ in runs_],
-                    "peak_rss_mb": max(p for _, p, _ in runs_) / 1024,
+                    "seconds": statistics.median(w for w, *_ in runs_),
+                    "seconds_all": [round(w, 3) for w, *_ in runs_],
+                    "cpu_seconds": statistics.median(c for _, c, _, _ in runs_),
+                    "peak_rss_mb": max(p for _, _, p, _ in runs_) / 1024,
                     "nodes": len(onnx.load(out, load_external_data=False).graph.node),
                     "bytes": file_bytes(out),
                     "max_rel_output_error": output_error(source, out),
@@ -115,6 +119,7 @@ def ratios(tools: dict) -> dict:
                 continue
             result[f"{ours}/{peer}"] = {
                 "time_ratio": round(tools[ours]["seconds"] / tools[peer]["seconds"], 3),
+                "cpu_time_ratio": round(tools[ours]["cpu_seconds"] / tools[peer]["cpu_seconds"], 3),
                 "nodes_minus_peer": tools[ours]["nodes"] - tools[peer]["nodes"],
             }
     return result
@@ -155,7 +160,8 @@ def main() -> None:
     (RESULTS / "fold.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, RESULTS / "fold.png")
     for model, entry in report["models"].items():
-        line = ", ".join(f"{t} {e['seconds']:.2f}s/{e['nodes']}n" if "seconds" in e else f"{t} error"
+        line = ", ".join(f"{t} {e['seconds']:.2f}s ({e['cpu_seconds']:.2f} cpu)/{e['nodes']}n" if "seconds" in e
+                         else f"{t} error"
                          for t, e in entry["tools"].items())
         print(f"{model} ({entry['input']['nodes']} nodes): {line}")
 

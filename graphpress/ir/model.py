@@ -168,8 +168,8 @@ def _subgraphs(node: gs.Node) -> list[gs.Graph]:
     for value in node.attrs.values():
         if isinstance(value, gs.Graph):
             subs.append(value)
-        elif isinstance(value, (list, tuple)):
-            subs.extend(v for v in value if isinstance(v, gs.Graph))
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], gs.Graph):
+            subs.extend(value)  # a GRAPHS attribute holds only graphs; checking the first is enough
     return subs
 
 

@@ -43,13 +43,22 @@ class Fold(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         totals: Counter = Counter()
-        rounds = 0
+        sequence = self.passes()
+        # a sub-pass that changed nothing last time and has seen no change since would change nothing
+        # again: it is skipped, which makes the last (confirming) round nearly free
+        last_change, last_run = 0, {}
+        step = rounds = 0
         for rounds in range(1, self.max_iterations + 1):
             changed = False
-            for sub in self.passes():
-                with ctx.at(None):
-                    result = sub.run(model, ctx)
-                changed |= result.changed
+            for index, sub in enumerate(sequence):
+                step += 1
+                if index in last_run and last_run[index] > last_change:
+                    continue
+                last_run[index] = step
+                result = sub.run(model, ctx)
+                if result.changed:
+                    changed, last_change = True, step
+                    last_run[index] = step - 1  # its own change may expose more work for itself
                 for key, value in result.stats.items():
                     if isinstance(value, (int, float)) and value:
                         totals[f"{sub.name}.{key}"] += value

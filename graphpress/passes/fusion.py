@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir import Model
 from .base import Pass, PassContext, PassResult
-from .nodes import NamePool
+from .nodes import NamePool, c_order
 from .pattern import Rule, apply_rules
 from .registry import register
 from .standalone import annotate_shapes
@@ -59,8 +59,8 @@ def _fused_conv(names: NamePool, conv: gs.Node, last: gs.Node, weight: np.ndarra
     base = out.name
     fused = gs.Node("Conv", names.fresh(last.name or base), attrs=dict(conv.attrs), inputs=[
         conv.inputs[0],
-        gs.Constant(names.fresh(f"{base}/weight"), np.array(weight.astype(dtype), order="C")),
-        gs.Constant(names.fresh(f"{base}/bias"), np.array(bias.astype(dtype), order="C")),
+        gs.Constant(names.fresh(f"{base}/weight"), c_order(weight.astype(dtype))),
+        gs.Constant(names.fresh(f"{base}/bias"), c_order(bias.astype(dtype))),
     ], outputs=[gs.Variable(names.fresh(f"{base}/fused"), dtype=out.dtype, shape=out.shape)])
     return [fused], fused.outputs[0]
 
@@ -80,8 +80,13 @@ def _check_conv_bn(model: Model, nodes: list[gs.Node]) -> str | None:
         return weights
     if bn.attrs.get("training_mode", 0) or any(t.outputs for t in bn.outputs[1:]):
         return "BatchNormalization is in training mode"
-    if any(model.constant_value(t) is None for t in bn.inputs[1:5]):
+    if bn.attrs.get("spatial", 1) != 1:
+        return "BatchNormalization is not spatial (opset < 9, spatial=0)"
+    params = [model.constant_value(t) for t in bn.inputs[1:5]]
+    if any(p is None for p in params):
         return "BatchNormalization parameters are not constants"
+    if any(p.shape != (weights[0].shape[0],) for p in params):
+        return "BatchNormalization parameters are not one value per Conv output channel"
     return None
 
 
@@ -148,15 +153,15 @@ GEMM_DTYPES = ("float16", "float32", "float64")
 
 def _check_matmul_add(model: Model, nodes: list[gs.Node]) -> str | None:
     matmul, add = nodes
-    x = matmul.inputs[0]
-    weight = model.constant_value(matmul.inputs[1])
+    x, weight = matmul.inputs[0], matmul.inputs[1]
     if x.shape is None or len(x.shape) != 2:
         return "MatMul input is not known to be 2-D"
-    if weight is None or weight.ndim != 2 or str(weight.dtype) not in GEMM_DTYPES:
-        return "MatMul weight is not a 2-D float constant"
+    # shape and dtype from the tensor, not its values: decoding a weight makes every save re-encode it
+    if not isinstance(weight, gs.Constant) or len(weight.shape) != 2 or str(weight.dtype) not in GEMM_DTYPES:
+        return "MatMul weight is not a 2-D float initializer"
     others = [t for t in add.inputs if t is not matmul.outputs[0]]
     bias = model.constant_value(others[0]) if len(others) == 1 else None
-    if bias is None or bias.dtype != weight.dtype:
+    if bias is None or str(bias.dtype) != str(weight.dtype):
         return "Add operand is not a constant of the weight's dtype"
     rows, cols = x.shape[0], weight.shape[1]
     allowed = {(), (1,), (cols,), (1, 1), (1, cols)} | ({(rows, cols), (rows, 1)} if isinstance(rows, int) else set())

@@ -43,7 +43,13 @@ def replace_with_constant(tensor: gs.Variable, value: np.ndarray) -> None:
     """Turn `tensor` into an initializer holding `value`, in place: its consumers keep reading it and
     its producer loses it as an output (the caller disconnects the producer)."""
     tensor.inputs.clear()
-    tensor.to_constant(np.array(value, order="C"))  # (np.ascontiguousarray would make a 0-d value 1-d)
+    tensor.to_constant(c_order(value))
+
+
+def c_order(value) -> np.ndarray:
+    """`value` as a C-contiguous array, copied only if needed (np.ascontiguousarray makes 0-d arrays 1-d)."""
+    value = np.asarray(value)
+    return value if value.flags.c_contiguous else value.copy(order="C")
 
 
 def tidy(model: Model) -> None:

@@ -91,28 +91,35 @@ def _model_proto(model: Model, graph: onnx.GraphProto) -> onnx.ModelProto:
     return proto
 
 
-def annotate_shapes(model: Model) -> int:
-    """Fill in dtype and shape of main-graph tensors that lack them, by onnx shape inference (with
-    symbolic data propagation) on the skeleton. Symbolic dims stay strings. Returns how many tensors
-    gained a shape; inference failures are logged and leave the model as it was."""
+def inferred_types(model: Model) -> dict[str, tuple[int, list]]:
+    """Main-graph value name -> (onnx elem type, dims) from onnx shape inference with symbolic data
+    propagation on the skeleton (milliseconds, where inference on the full model serializes every weight).
+    Symbolic dims are strings, unknown ones None. Values inference cannot type are absent; an inference
+    failure is logged and gives {}."""
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False, strict_mode=False,
                                                      data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         log.debug("shape inference on the skeleton failed: %s", exc)
-        return 0
+        return {}
+    return {info.name: (info.type.tensor_type.elem_type,
+                        _dims(info.type.tensor_type.shape) if info.type.tensor_type.HasField("shape") else None)
+            for info in inferred.graph.value_info if info.type.HasField("tensor_type")}
+
+
+def annotate_shapes(model: Model) -> int:
+    """Fill in dtype and shape of main-graph tensors that lack them (see `inferred_types`); a known dim
+    is never replaced by an unknown one. Returns how many tensors gained a shape."""
     tensors = model.graph.tensors()
     gained = 0
-    for info in inferred.graph.value_info:
-        tensor = tensors.get(info.name)
-        if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+    for name, (elem_type, dims) in inferred_types(model).items():
+        tensor = tensors.get(name)
+        if not isinstance(tensor, gs.Variable):
             continue
-        ttype = info.type.tensor_type
-        if tensor.dtype is None and ttype.elem_type:
-            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-        if ttype.HasField("shape") and (tensor.shape is None or _unknown_dims(tensor.shape) >
-                                        _unknown_dims(_dims(ttype.shape))):
-            tensor.shape = _dims(ttype.shape)
+        if tensor.dtype is None and elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        if dims is not None and (tensor.shape is None or _unknown_dims(tensor.shape) > _unknown_dims(dims)):
+            tensor.shape = dims
             gained += 1
     return gained
 

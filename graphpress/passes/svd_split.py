@@ -19,15 +19,17 @@ Only main-graph ops are considered.
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
 
 from ..errors import GraphpressError
-from ..ir import Model, new_constant
+from ..ir import Model
 from ..lowrank.factorize import Decomposition, decompose, whitening_factor
 from ..lowrank.groups import WeightGroup, group_sites
 from ..lowrank.rank import LayerCost, allocate_budget, dropped_energy, energy_rank, max_useful_rank, ratio_rank
+from ..lowrank.sensitivity import measured_gains
 from ..lowrank.sites import find_site
 from ..lowrank.statistics import input_grams
 from .base import Pass, PassContext, PassResult
@@ -46,6 +48,8 @@ class SvdSplit(Pass):
     method: Literal["whitened", "plain"] = "whitened"  # whitened: minimise output error on calibration data (plain SVD without data)
     damping: float = 0.01                  # added to the input Gram diagonal, as a share of its mean (whitened)
     max_batches: int | None = None         # use at most this many calibration batches (None: all)
+    sensitivity: Literal["spectrum", "measured"] = "spectrum"  # target-params: weigh layers by spectrum alone, or by measured output error
+    sensitivity_batches: int = 4           # calibration batches each sensitivity probe runs
     ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")  # op types to factor
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -57,10 +61,10 @@ class SvdSplit(Pass):
         for group, decomposition, rank in zip(groups, decompositions, ranks):
             if rank is not None:
                 with ctx.at(group.sites[0].node):
-                    _split(model, group, decomposition, rank)
+                    group.split(model, decomposition, rank)
             kept = group.params if rank is None else rank * sum(group.shape)
             before, after = before + group.params, after + kept
-            layers.append({"name": group.name, "shape": list(group.shape), "rank": rank,
+            layers.append({"name": group.name, "weight": group.sites[0].source.name, "shape": list(group.shape), "rank": rank,
                            "params": group.params, "kept": kept,
                            "energy": float(1.0 - dropped_energy(decomposition.s)[rank]) if rank else 1.0})
         split = sum(rank is not None for rank in ranks)
@@ -115,7 +119,7 @@ class SvdSplit(Pass):
         """The rank of every group (None: leave it), by the chosen mode; logs why layers are left."""
         limits = [max_useful_rank(*group.shape, self.margin) for group in groups]
         if self.target_params is not None:
-            return self._budget_ranks(model, groups, decompositions, limits)
+            return self._budget_ranks(model, groups, decompositions, limits, ctx)
         ranks = []
         for group, decomposition, limit in zip(groups, decompositions, limits):
             k, n = group.shape
@@ -131,24 +135,21 @@ class SvdSplit(Pass):
         return ranks
 
     def _budget_ranks(self, model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
-                      limits: list[int]) -> list[int | None]:
+                      limits: list[int], ctx: PassContext) -> list[int | None]:
+        if not groups:
+            return []
         factorable = sum(group.params for group in groups)
         total = model.parameter_count() if self.budget_of == "model" else factorable
         budget = self.target_params * total - (total - factorable)
-        costs = [LayerCost(group.params, sum(group.shape), limit, dropped_energy(d.s))
-                 for group, d, limit in zip(groups, decompositions, limits)]
-        return allocate_budget(costs, budget) if groups else []
+        gains = [1.0] * len(groups)
+        if self.sensitivity == "measured":
+            if ctx.calibration is None:
+                raise GraphpressError("svd-split: sensitivity=measured needs calibration data")
+            probes = itertools.islice(ctx.calibration, self.sensitivity_batches)
+            gains = measured_gains(model, groups, decompositions, limits, probes)
+            for group, gain in zip(groups, gains):
+                ctx.log.debug("svd-split: sensitivity of %r: %.3g", group.name, gain)
+        costs = [LayerCost(group.params, sum(group.shape), limit, dropped_energy(d.s), gain)
+                 for group, d, limit, gain in zip(groups, decompositions, limits, gains)]
+        return allocate_budget(costs, budget)
 
-
-def _split(model: Model, group: WeightGroup, decomposition: Decomposition, rank: int) -> None:
-    """Rewrite every site of `group` into two thin ops sharing one pair of factor initializers per layout."""
-    first, second = decomposition.factors(rank)
-    dtype = group.matrix.dtype
-    stored: dict[str, tuple] = {}
-    for site in group.sites:
-        if site.layout not in stored:
-            a, b = site.stored(first, second)
-            base = site.source.name
-            stored[site.layout] = (new_constant(model, f"{base}_svd_a", a.astype(dtype)),
-                                   new_constant(model, f"{base}_svd_b", b.astype(dtype)))
-        site.rewrite(model, *stored[site.layout])
