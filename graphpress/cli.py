@@ -243,7 +243,7 @@ def cmd_demo(args) -> int:
     print(f"graphpress demo: compressing the bundled {example_model_path().name} "
           f"(a CNN trained on scikit-learn's real 8x8 digits) within a 1-point top-1 budget\n", flush=True)
     result = compress(example_model_path(), calibration, args.output, evaluator=evaluate_top1, budget=0.01,
-                      target="x86", threads=1)
+                      target="x86", threads=1, metric_name="top-1 (500 held-out digits)")
     _print_compress_result(result)
     return 0
 

@@ -27,7 +27,7 @@ from .measure import StageMeasure, latency_ms, measure_model
 from .search import Knob, SearchLog, Trial, most_aggressive_within
 
 DEFAULT_KNOBS = (
-    Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5))),
+    Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))),
     Knob("svd", tuple(f"svd-split(energy={e})" for e in (0.995, 0.99, 0.98, 0.95, 0.9))),
     Knob("int8", ("insert-qdq(keep-float=auto)", "insert-qdq")),
 )
@@ -37,7 +37,7 @@ HOLDOUT_EVERY = 4
 
 def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: str | Path,
              evaluator: Evaluator | None = None, budget: float = 0.01, target: str | None = "x86",
-             threads: int = 1, knobs: Sequence[Knob] = DEFAULT_KNOBS,
+             threads: int = 1, knobs: Sequence[Knob] = DEFAULT_KNOBS, metric_name: str = "metric (--eval)",
              log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict:
     """Compress `model` within `budget` (absolute metric drop), write OUT/, return the report dict."""
     output_dir = Path(output_dir)
@@ -46,7 +46,6 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
     calibration = list(calibration)
     if not calibration:
         raise GraphpressError("compress needs calibration data (--calib)")
-    metric_name = "metric (--eval)" if evaluator else None
     if evaluator is None:
         held_out = calibration[HOLDOUT_EVERY - 1::HOLDOUT_EVERY]
         calibration = [b for i, b in enumerate(calibration) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]

@@ -66,10 +66,16 @@ def example_data(batch_size: int = 16, directory: Path | None = None
 def evaluate_top1(runner_or_model, directory: Path | None = None) -> float:
     """Top-1 accuracy on the 500 held-out digits (of the shipped data, or of `directory`'s copy).
 
-    `runner_or_model` is a path, an `onnx.ModelProto`, a graphpress `Model`, or a function taking the input
-    dict and returning the logits (how a compiled artifact is measured).
+    `runner_or_model` is a path, an `onnx.ModelProto`, a graphpress `Model`, a runnable (`.run(inputs)`
+    returning the output dict, as `graphpress compress --eval` passes it), or a function taking the input
+    dict and returning the logits.
     """
-    run = runner_or_model if callable(runner_or_model) else _ort_runner(runner_or_model)
+    if hasattr(runner_or_model, "run") and not isinstance(runner_or_model, (str, Path)):
+        run = lambda feed: next(iter(runner_or_model.run(feed).values()))  # noqa: E731
+    elif callable(runner_or_model):
+        run = runner_or_model
+    else:
+        run = _ort_runner(runner_or_model)
     _, eval_inputs, labels = example_data(directory=directory)
     logits = np.asarray(run(eval_inputs))
     return float(np.mean(logits.reshape(len(labels), -1).argmax(1) == labels))
