@@ -90,3 +90,23 @@ def test_matmul_add_is_left_alone_for_3d_input_or_a_bias_that_broadcasts_the_out
     m = ir.load(proto)
     assert not get("fuse-matmul-add")().run(m, PassContext()).changed
     assert ops(m) == ["MatMul", "Add"]
+
+
+def test_batchnorm_then_per_channel_mul_and_add_become_one_batchnorm():
+    proto = model([helper.make_node("BatchNormalization", ["x", "scale", "beta", "mean", "var"], ["n"]),
+                   helper.make_node("Mul", ["n", "k"], ["m"]), helper.make_node("Add", ["c", "m"], ["y"])],
+                  [("x", FLOAT, [2, 4, 5, 5])], [("y", FLOAT, [2, 4, 5, 5])],
+                  {**bn_inits(), "k": RNG.uniform(0.5, 2, (4, 1, 1)).astype(np.float32),
+                   "c": RNG.standard_normal((1, 4, 1, 1)).astype(np.float32)})
+    fused, stats = run_pass(proto, "fuse-conv-affine", inputs={"x": RNG.standard_normal((2, 4, 5, 5)).astype(np.float32)})
+    assert ops(fused) == ["BatchNormalization"]
+    assert stats["fuse-conv-affine"] == {"conv-mul": 0, "conv-add": 0, "bn-mul": 1, "bn-add": 1}
+
+
+def test_batchnorm_then_spatial_mul_is_left_alone():
+    proto = model([helper.make_node("BatchNormalization", ["x", "scale", "beta", "mean", "var"], ["n"]),
+                   helper.make_node("Mul", ["n", "k"], ["y"])],
+                  [("x", FLOAT, [2, 4, 5, 5])], [("y", FLOAT, [2, 4, 5, 5])],
+                  {**bn_inits(), "k": np.ones((5, 5), np.float32)})
+    m = ir.load(proto)
+    assert not get("fuse-conv-affine")().run(m, PassContext()).changed

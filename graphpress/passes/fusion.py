@@ -2,7 +2,8 @@
 
 - `fuse-conv-bn`: Conv -> BatchNormalization (inference) becomes one Conv; the new weights are computed
   in float64 and cast back, so the only error is the final rounding.
-- `fuse-conv-affine`: Conv -> Mul/Add by a per-output-channel (or scalar) constant becomes one Conv.
+- `fuse-conv-affine`: Conv (or BatchNormalization) -> Mul/Add by a per-channel (or scalar) constant
+  becomes one Conv (or BatchNormalization).
 - `fuse-matmul-add`: MatMul(x, W) -> Add(bias) becomes Gemm where x is 2-D, W a 2-D constant and the bias
   a constant that broadcasts to the output without changing its shape. Elsewhere the pair is left alone.
 """
@@ -65,13 +66,6 @@ def _fused_conv(names: NamePool, conv: gs.Node, last: gs.Node, weight: np.ndarra
     return [fused], fused.outputs[0]
 
 
-def _per_channel(weight: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Broadcast `value` (a scalar or a tensor over the output-channel axis) to shape (C_out, 1, ..., 1)."""
-    channels = weight.shape[0]
-    flat = np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,))
-    return flat.reshape((channels,) + (1,) * (weight.ndim - 1))
-
-
 # ---- Conv + BatchNormalization --------------------------------------------------------------------
 def _check_conv_bn(model: Model, nodes: list[gs.Node]) -> str | None:
     conv, bn = nodes
@@ -96,7 +90,7 @@ def _rewrite_conv_bn(names: NamePool, model: Model, nodes: list[gs.Node]):
     scale, beta, mean, var = (model.constant_value(t).astype(np.float64) for t in bn.inputs[1:5])
     factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     bias64 = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
-    new_weight = weight.astype(np.float64) * _per_channel(weight, factor)
+    new_weight = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
     new_bias = (bias64 - mean) * factor + beta
     return _fused_conv(names, conv, bn, new_weight, new_bias, weight.dtype)
 
@@ -104,38 +98,45 @@ def _rewrite_conv_bn(names: NamePool, model: Model, nodes: list[gs.Node]):
 CONV_BN = RuleSpec("conv-bn", ("Conv", "BatchNormalization"), _check_conv_bn, _rewrite_conv_bn)
 
 
-# ---- Conv + per-channel Mul / Add -------------------------------------------------------------------
-def _affine_operand(model: Model, nodes: list[gs.Node]) -> np.ndarray | str:
-    """The constant the Conv output is multiplied by / added to, if it acts per output channel."""
-    conv, op = nodes
-    others = [t for t in op.inputs if t is not conv.outputs[0]]
+# ---- Conv / BatchNormalization + per-channel Mul / Add ---------------------------------------------------
+def _affine_operand(model: Model, nodes: list[gs.Node], rank: int, channels: int) -> np.ndarray | str:
+    """The constant that the first node's output (rank `rank`, `channels` channels on axis 1) is
+    multiplied by / added to, if it acts per channel without changing the output's shape."""
+    first, op = nodes
+    others = [t for t in op.inputs if t is not first.outputs[0]]
     if len(others) != 1:
-        return f"{op.op} does not combine the Conv output with one other tensor"
+        return f"{op.op} does not combine the {first.op} output with one other tensor"
     value = model.constant_value(others[0])
     if value is None or value.dtype.kind not in FLOAT_KINDS:
         return f"{op.op} operand is not a float constant"
-    weight = model.constant_value(conv.inputs[1])
-    rank = weight.ndim if weight is not None else 0
     if value.ndim > rank:
-        return f"{op.op} operand has a higher rank than the Conv output"
+        return f"{op.op} operand has a higher rank than the {first.op} output"
     padded = (1,) * (rank - value.ndim) + value.shape
-    if padded[0] != 1 or any(d != 1 for d in padded[2:]) or padded[1] not in (1, weight.shape[0]):
-        return f"{op.op} operand of shape {value.shape} is not per output channel"
+    if padded[0] != 1 or any(d != 1 for d in padded[2:]) or padded[1] not in (1, channels):
+        return f"{op.op} operand of shape {value.shape} is not per channel"
     return value
 
 
-def _check_conv_affine(model: Model, nodes: list[gs.Node]) -> str | None:
+def _channel_vector(value: np.ndarray, channels: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,))
+
+
+def _conv_operand(model: Model, nodes: list[gs.Node]) -> np.ndarray | str:
     weights = _conv_weights(model, nodes[0])
     if isinstance(weights, str):
         return weights
-    operand = _affine_operand(model, nodes)
+    return _affine_operand(model, nodes, weights[0].ndim, weights[0].shape[0])
+
+
+def _check_conv_affine(model: Model, nodes: list[gs.Node]) -> str | None:
+    operand = _conv_operand(model, nodes)
     return operand if isinstance(operand, str) else None
 
 
 def _rewrite_conv_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
     conv, op = nodes
     weight, bias = _conv_weights(model, conv)
-    vector = _per_channel(weight, _affine_operand(model, nodes)).reshape(-1)
+    vector = _channel_vector(_conv_operand(model, nodes), weight.shape[0])
     bias64 = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
     if op.op == "Mul":
         new_weight = weight.astype(np.float64) * vector.reshape((-1,) + (1,) * (weight.ndim - 1))
@@ -145,6 +146,43 @@ def _rewrite_conv_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
 
 CONV_MUL = RuleSpec("conv-mul", ("Conv", "Mul"), _check_conv_affine, _rewrite_conv_affine)
 CONV_ADD = RuleSpec("conv-add", ("Conv", "Add"), _check_conv_affine, _rewrite_conv_affine)
+
+
+def _bn_operand(model: Model, nodes: list[gs.Node]) -> np.ndarray | str:
+    bn = nodes[0]
+    shape = bn.inputs[0].shape
+    scale, beta = (model.constant_value(t) for t in bn.inputs[1:3])
+    if shape is None or scale is None or beta is None or scale.ndim != 1 or beta.shape != scale.shape:
+        return "BatchNormalization input rank or scale/bias unknown"
+    if bn.attrs.get("training_mode", 0) or bn.attrs.get("spatial", 1) != 1 or len(bn.outputs) > 1:
+        return "BatchNormalization is in training mode or not spatial"
+    return _affine_operand(model, nodes, len(shape), scale.shape[0])
+
+
+def _check_bn_affine(model: Model, nodes: list[gs.Node]) -> str | None:
+    operand = _bn_operand(model, nodes)
+    return operand if isinstance(operand, str) else None
+
+
+def _rewrite_bn_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
+    """BN(x) * k = BN'(x) with scale*k and bias*k; BN(x) + k = BN'(x) with bias + k."""
+    bn, op = nodes
+    scale, beta = (model.constant_value(t) for t in bn.inputs[1:3])
+    vector = _channel_vector(_bn_operand(model, nodes), scale.shape[0])
+    scale64, beta64 = scale.astype(np.float64), beta.astype(np.float64)
+    new_scale, new_beta = (scale64 * vector, beta64 * vector) if op.op == "Mul" else (scale64, beta64 + vector)
+    out = op.outputs[0]
+    fused = gs.Node("BatchNormalization", names.fresh(op.name or out.name), attrs=dict(bn.attrs), inputs=[
+        bn.inputs[0],
+        gs.Constant(names.fresh(f"{out.name}/scale"), c_order(new_scale.astype(scale.dtype))),
+        gs.Constant(names.fresh(f"{out.name}/bias"), c_order(new_beta.astype(beta.dtype))),
+        *bn.inputs[3:5],
+    ], outputs=[gs.Variable(names.fresh(f"{out.name}/fused"), dtype=out.dtype, shape=out.shape)])
+    return [fused], fused.outputs[0]
+
+
+BN_MUL = RuleSpec("bn-mul", ("BatchNormalization", "Mul"), _check_bn_affine, _rewrite_bn_affine)
+BN_ADD = RuleSpec("bn-add", ("BatchNormalization", "Add"), _check_bn_affine, _rewrite_bn_affine)
 
 
 # ---- MatMul + Add -> Gemm ---------------------------------------------------------------------------
@@ -208,9 +246,9 @@ class FuseConvBatchNorm(Pass):
 
 @register("fuse-conv-affine")
 class FuseConvAffine(Pass):
-    """Fold a Mul or Add by a per-output-channel constant into the Conv before it."""
+    """Fold a Mul or Add by a per-channel constant into the Conv or BatchNormalization before it."""
 
-    run = _rule_pass((CONV_MUL, CONV_ADD))
+    run = _rule_pass((CONV_MUL, CONV_ADD, BN_MUL, BN_ADD), needs_shapes=True)
 
 
 @register("fuse-matmul-add")

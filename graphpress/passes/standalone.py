@@ -87,7 +87,9 @@ def _model_proto(model: Model, graph: onnx.GraphProto) -> onnx.ModelProto:
         imports.setdefault(entry.domain, entry.version)
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports.items()])
     if model.graph.ir_version is not None:
-        proto.ir_version = model.graph.ir_version
+        # at least IR 4: before it, initializers had to be listed as inputs too, and shape inference
+        # ignores those that are not (the skeleton lists only the graph's real inputs)
+        proto.ir_version = max(model.graph.ir_version, 4)
     return proto
 
 
