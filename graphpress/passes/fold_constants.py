@@ -110,7 +110,11 @@ class FoldConstants(Pass):
 
 def _nbytes(tensor: gs.Tensor, values: dict[str, np.ndarray]) -> int:
     if isinstance(tensor, gs.Constant):
-        return int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize if tensor.shape is not None else 0
+        try:
+            itemsize = np.dtype(tensor.dtype).itemsize
+        except TypeError:  # a type numpy has no dtype for (bfloat16 & co.): count a byte per element
+            itemsize = 1
+        return int(np.prod(tensor.shape)) * itemsize if tensor.shape is not None else 0
     value = values.get(tensor.name)
     return value.nbytes if value is not None else 0
 
@@ -141,13 +145,28 @@ def _foldable_nodes(graph: gs.Graph, ctx: PassContext) -> list[gs.Node]:
     computed: set[int] = set()
     candidates = []
     for node in graph.nodes:
-        if not in_default_domain(node) or not is_deterministic(node) or has_subgraph(node) \
-                or node.op == "Constant" or not node.outputs:
+        if node.op == "Constant" or not node.outputs:
             continue
-        if all(isinstance(t, gs.Constant) or not t.name or id(t) in computed for t in node.inputs):
-            candidates.append(node)
-            computed.update(id(t) for t in node.outputs)
+        if not all(isinstance(t, gs.Constant) or not t.name or id(t) in computed for t in node.inputs):
+            continue
+        why_not = _never_folded(node)
+        if why_not:
+            ctx.log.debug("fold-constants: keep %s %r: %s", node.op, node.name, why_not)
+            continue
+        candidates.append(node)
+        computed.update(id(t) for t in node.outputs)
     return candidates
+
+
+def _never_folded(node: gs.Node) -> str:
+    """Why a node with constant inputs must still not be folded, or ''."""
+    if not in_default_domain(node):
+        return f"op of domain {node.domain!r}"
+    if not is_deterministic(node):
+        return "its outputs are random"
+    if has_subgraph(node):
+        return "it runs a subgraph"
+    return ""
 
 
 def _evaluate_or_split(model: Model, nodes: list[gs.Node], ctx: PassContext) -> dict[str, np.ndarray]:

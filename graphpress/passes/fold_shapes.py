@@ -23,7 +23,8 @@ from .standalone import annotate_shapes
 
 @register("fold-shapes")
 class FoldShapes(Pass):
-    """Replace Shape/Size, and Gather/Slice of a Shape, by constants where the dims they read are static."""
+    """Replace Shape/Size, and Gather/Slice of a Shape, by constants where the dims they read are static
+    (main graph)."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not any(n.op in ("Shape", "Size") for n in model.graph.nodes):
@@ -37,6 +38,8 @@ class FoldShapes(Pass):
             with ctx.at(node):
                 dims = shape_dims(node)
                 if dims is None:
+                    ctx.log.debug("fold-shapes: keep %s %r: the shape of %r is unknown", node.op, node.name,
+                                  node.inputs[0].name)
                     continue
                 if node.op == "Size":
                     folded += _fold(node, np.array(np.prod(dims, dtype=np.int64)), outputs, ctx)

@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,17 +26,10 @@ from .standalone import annotate_shapes
 FLOAT_KINDS = "f"
 
 
-@dataclass(frozen=True)
-class RuleSpec:
-    """A `Rule` whose rewrite also takes the run's `NamePool` (rules are made per run from these)."""
-
-    name: str
-    ops: tuple[str, ...]
-    check: Callable
-    rewrite: Callable
-
-    def rule(self, names: NamePool) -> Rule:
-        return Rule(self.name, self.ops, self.check, functools.partial(self.rewrite, names))
+def bind_names(rule: Rule, names: NamePool) -> Rule:
+    """The rules here are written with rewrites `(names, model, nodes)`: the run's `NamePool` gives new
+    tensors fresh names cheaply. This binds it, giving the `(model, nodes)` rewrite `apply_rules` calls."""
+    return dataclasses.replace(rule, rewrite=functools.partial(rule.rewrite, names))
 
 
 def _conv_weights(model: Model, conv: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
@@ -95,7 +87,7 @@ def _rewrite_conv_bn(names: NamePool, model: Model, nodes: list[gs.Node]):
     return _fused_conv(names, conv, bn, new_weight, new_bias, weight.dtype)
 
 
-CONV_BN = RuleSpec("conv-bn", ("Conv", "BatchNormalization"), _check_conv_bn, _rewrite_conv_bn)
+CONV_BN = Rule("conv-bn", ("Conv", "BatchNormalization"), _check_conv_bn, _rewrite_conv_bn)
 
 
 # ---- Conv / BatchNormalization + per-channel Mul / Add ---------------------------------------------------
@@ -144,8 +136,8 @@ def _rewrite_conv_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
     return _fused_conv(names, conv, op, weight, bias64 + vector, weight.dtype)
 
 
-CONV_MUL = RuleSpec("conv-mul", ("Conv", "Mul"), _check_conv_affine, _rewrite_conv_affine)
-CONV_ADD = RuleSpec("conv-add", ("Conv", "Add"), _check_conv_affine, _rewrite_conv_affine)
+CONV_MUL = Rule("conv-mul", ("Conv", "Mul"), _check_conv_affine, _rewrite_conv_affine)
+CONV_ADD = Rule("conv-add", ("Conv", "Add"), _check_conv_affine, _rewrite_conv_affine)
 
 
 def _bn_operand(model: Model, nodes: list[gs.Node]) -> np.ndarray | str:
@@ -181,8 +173,8 @@ def _rewrite_bn_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
     return [fused], fused.outputs[0]
 
 
-BN_MUL = RuleSpec("bn-mul", ("BatchNormalization", "Mul"), _check_bn_affine, _rewrite_bn_affine)
-BN_ADD = RuleSpec("bn-add", ("BatchNormalization", "Add"), _check_bn_affine, _rewrite_bn_affine)
+BN_MUL = Rule("bn-mul", ("BatchNormalization", "Mul"), _check_bn_affine, _rewrite_bn_affine)
+BN_ADD = Rule("bn-add", ("BatchNormalization", "Add"), _check_bn_affine, _rewrite_bn_affine)
 
 
 # ---- MatMul + Add -> Gemm ---------------------------------------------------------------------------
@@ -217,21 +209,21 @@ def _rewrite_matmul_add(names: NamePool, model: Model, nodes: list[gs.Node]):
     return [gemm], gemm.outputs[0]
 
 
-MATMUL_ADD = RuleSpec("matmul-add", ("MatMul", "Add"), _check_matmul_add, _rewrite_matmul_add)
+MATMUL_ADD = Rule("matmul-add", ("MatMul", "Add"), _check_matmul_add, _rewrite_matmul_add)
 
 
-def _rule_pass(specs: tuple[RuleSpec, ...], needs_shapes: bool = False):
+def _rule_pass(rules: tuple[Rule, ...], needs_shapes: bool = False):
     """The run() of a pass that applies the rules and reports how often each fired."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        first_ops = {spec.ops[0] for spec in specs}
+        first_ops = {rule.ops[0] for rule in rules}
         if not any(n.op in first_ops for n in model.graph.nodes):
             return PassResult(changed=False)
         if needs_shapes and any(n.inputs and n.inputs[0].shape is None for n in model.graph.nodes
                                 if n.op in first_ops):
             annotate_shapes(model)
         names = NamePool(model)
-        counts = apply_rules(model, [spec.rule(names) for spec in specs], ctx)
+        counts = apply_rules(model, [bind_names(rule, names) for rule in rules], ctx)
         return PassResult(changed=any(counts.values()), stats=counts)
 
     return run
