@@ -21,6 +21,7 @@ from .base import Pass, PassContext, PassResult
 from .nodes import dropout_is_inference, has_subgraph, is_deterministic, output_ids, rewire, tidy
 from .pattern import in_default_domain
 from .registry import register
+from .standalone import annotate_shapes
 
 
 @register("eliminate-dead")
@@ -52,6 +53,9 @@ class EliminateIdentity(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = defaultdict(int)
         every_output = output_ids(model)
+        if any(n.op in SHAPE_DEPENDENT and n.inputs and (n.inputs[0].shape is None or n.inputs[0].dtype is None)
+               for n in model.graph.nodes):
+            annotate_shapes(model)
         for graph in model.graphs():
             outputs = {id(t) for t in graph.outputs}
             for node in list(graph.nodes):
@@ -125,6 +129,9 @@ def _expand(node: gs.Node) -> str:
 def _single_input(node: gs.Node) -> str:
     return "" if len(node.inputs) == 1 else f"{node.op} has several inputs"
 
+
+#: ops whose no-op check needs the input's shape or dtype
+SHAPE_DEPENDENT = ("Cast", "Reshape", "Expand")
 
 _NO_OP_CHECKS = {
     "Identity": lambda node: "",
