@@ -6,7 +6,8 @@
 tuning database applies to) followed by `schedule` (step 3, only functions not scheduled yet, so
 tuned functions keep their tuned schedules).
 
-0. Clip as Relax ops (see `relax_rewrites`), so that layouts propagate through ReLU6.
+0. Clip as Relax ops (see `relax_rewrites`), so that layouts propagate through ReLU6; QDQ
+   convolutions and matmuls to integer arithmetic (see `int8`).
 1. Layout: convolutions to channels-last (NHWC activations, HWIO weights) so the output channel
    is the contiguous, vectorized axis of both the output and the weights; the weight transposes
    fold into the constants, and layout conversions between consecutive convolutions cancel.
@@ -24,11 +25,14 @@ def prepare_passes(target) -> list:
     """Layout, legalization and fusion passes for `target`, in order (no schedules)."""
     from tvm import relax
 
+    from .int8 import elementwise_qdq, integer_conv_matmul
     from .relax_rewrites import clip_to_relax_ops, fold_constants_numpy
 
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        integer_conv_matmul(),  # before constant folding turns the weights' DequantizeLinear into floats
+        elementwise_qdq(),
         fold_constants_numpy(),
         clip_to_relax_ops(),
         relax.transform.ConvertLayout(CONV_LAYOUT),

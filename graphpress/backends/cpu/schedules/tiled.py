@@ -7,8 +7,11 @@ Every such op, once legalized in a channels-last layout, is a block
 so one template fits all of them: split s_k into vectors (the output channels / matmul columns),
 fuse s_0..s_{k-1} (the output pixels / matmul rows) and split them into a register tile, keep the tile's accumulators in a
 `local` buffer that LLVM promotes to vector registers, put the reduction loops around the tile, and
-parallelize the loops outside it. The epilogue that FuseOps attached (bias, ReLU/Clip, residual add)
-is inlined into one block and computed per tile, right after the accumulators are final.
+parallelize the loops outside it. Padding is inlined into the reduction as a guarded load (the
+guard depends on the window position only, so the channel vectors stay intact, and no padded copy
+of the input is made). The epilogue that FuseOps attached (bias, ReLU/Clip, residual add with its
+DequantizeLinear, requantization) is inlined into one block and computed per tile, right after the
+accumulators are final.
 
 Tile sizes follow from the target's vector width and register count only (no per-model tuning),
 see `register_tile`: one or two vectors of channels times as many pixels as the accumulator
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
@@ -41,8 +45,7 @@ class TiledReduction(CPUScheduleRule):
         main = reductions[0].block_rv
         dtype = str(sch.get(main).writes[0].source.dtype)
         unit = vector_unit(target)
-        for producer in _injective_producers(sch, main):
-            sch.compute_inline(producer)
+        try_inline(sch, [b for b in infos if b is not reductions[0]])
         tile_reduction(sch, main, unit.lanes(dtype), unit.accumulators)
         return sch
 
@@ -59,15 +62,6 @@ def _fits(sch: s_tir.Schedule, info) -> bool:
     if len(block.writes) != 1 or not is_var(innermost_index(block.writes[0]), last):
         return False
     return any(is_var(innermost_index(r), last) for r in block.reads)
-
-
-def _injective_producers(sch: s_tir.Schedule, block) -> list:
-    """Producers inside the function (padding, layout copies) to inline into the reduction.
-
-    Padding is inlined as a guarded load: the guard is on the spatial window position only, so it
-    does not stop the channel vectorization, and it saves a full copy of the input.
-    """
-    return [p for p in sch.get_producers(block) if not sch.get_producers(p)]
 
 
 def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int) -> None:

@@ -1,0 +1,193 @@
+"""QDQ -> integer arithmetic: Conv / MatMul / Gemm on DequantizeLinear inputs computed in int32.
+
+TVM's ONNX importer turns a QDQ model into float fake-quantization: every DequantizeLinear becomes
+`R.dequantize` and the Conv/MatMul run in float32 on the dequantized values, which is slower than
+the float model. This rewrite (on the imported Relax module, before layout conversion and fusion)
+replaces each
+
+    conv2d(dequantize(xq, sx, zx), dequantize(Wq, sw, 0))          (matmul likewise)
+
+by the exact integer computation
+
+    acc = conv2d(int16(xq) - zx, int16(Wq), out_dtype="int32")      # exact: no rounding at all
+    conv2d(...) == float(acc) * (sx * sw)                            # one multiply, per output channel
+
+Subtracting the activation zero point before the convolution keeps zero padding exact (a padded 0
+is the real value 0, as in ONNX) and needs no correction terms; int16 holds xq - zx for int8 and
+uint8 activations, and LLVM lowers the int16 x int16 -> int32 products to `vpmaddwd` (AVX2) or
+`vpdpwssd` (AVX-512 VNNI). The bias add, ReLU/Clip, residual Add and the following QuantizeLinear are
+element-wise, so FuseOps puts them into the convolution's epilogue: the requantization
+(scale, round half to even, zero point, saturate) runs per register tile in float32, as
+onnxruntime's QLinearConv does, and only int8 tensors travel between layers.
+
+Applied only where the weight is a constant with zero zero-point (symmetric, per tensor or per output
+channel) and the activation has one scale and zero point; anything else stays float, logged at debug.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+
+log = logging.getLogger(__name__)
+
+_DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
+_QUANTIZE = tvm.ir.Op.get("relax.quantize")
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_INTEGER = ("int8", "uint8")
+
+
+def _value(mutator, expr):
+    """The expression a dataflow variable is bound to (or `expr` itself)."""
+    if isinstance(expr, relax.Var):
+        bound = mutator.lookup_binding(expr)
+        return bound if bound is not None else expr
+    return expr
+
+
+def _const(mutator, expr) -> np.ndarray | None:
+    expr = _value(mutator, expr)
+    return expr.value.numpy() if isinstance(expr, Constant) else None
+
+
+class _Operand:
+    """One dequantized input: its integer tensor (constant or not), scale and zero point."""
+
+    def __init__(self, data, data_const, scale, zero_point, axis):
+        self.data, self.data_const = data, data_const
+        self.scale, self.zero_point, self.axis = scale, zero_point, axis
+
+    def as_int16(self) -> relax.Expr:
+        """int16(q) - zero_point: the real value divided by the scale, exactly."""
+        if self.data_const is not None:
+            shape = [1] * self.data_const.ndim
+            if self.zero_point.size > 1:
+                shape[self.axis] = -1
+            zero_point = self.zero_point.astype(np.int16).reshape(shape)
+            return relax.const(self.data_const.astype(np.int16) - zero_point, "int16")
+        shifted = relax.op.astype(self.data, "int16")
+        if np.any(self.zero_point != 0):
+            shifted = relax.op.subtract(shifted, relax.const(self.zero_point.astype(np.int16).reshape(()), "int16"))
+        return shifted
+
+
+def _dequantized(mutator, expr) -> _Operand | None:
+    """`expr` as a dequantize of int8/uint8 data with constant scale and zero point, else None."""
+    call = _value(mutator, expr)
+    if not isinstance(call, relax.Call) or call.op != _DEQUANTIZE:
+        return None
+    data, scale, zero_point = call.args
+    if str(data.ty.dtype) not in _INTEGER:
+        return None
+    scale, zero_point = _const(mutator, scale), _const(mutator, zero_point)
+    if scale is None or zero_point is None:
+        return None
+    return _Operand(data, _const(mutator, data), scale.astype(np.float32), zero_point.astype(np.int32),
+                    int(call.attrs.axis))
+
+
+@relax.expr_functor.mutator
+class _IntegerRewriter(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if call.op not in (_CONV2D, _MATMUL) or str(call.ty.dtype) != "float32":
+            return call
+        a, b = (_dequantized(self, arg) for arg in call.args[:2])
+        if a is None or b is None:
+            log.debug("int8: %s keeps float: an input is not a constant-scale DequantizeLinear", call.op.name)
+            return call
+        scale = _output_scale(call, a, b)
+        if scale is None or (a.data_const is None and a.zero_point.size != 1):
+            log.debug("int8: %s keeps float: per-channel activation or weight zero point", call.op.name)
+            return call
+        if call.op == _CONV2D:
+            attrs = call.attrs
+            acc = relax.op.nn.conv2d(a.as_int16(), b.as_int16(), attrs.strides, attrs.padding, attrs.dilation,
+                                     attrs.groups, attrs.data_layout, attrs.kernel_layout, attrs.out_layout,
+                                     out_dtype="int32")
+        else:
+            acc = relax.op.matmul(a.as_int16(), b.as_int16(), out_dtype="int32")
+        return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+
+
+def _output_scale(call, a: _Operand, b: _Operand) -> np.ndarray | None:
+    """sx * sw broadcast to the output: a scalar, or per output channel (conv axis 1, matmul last axis).
+
+    Weight (second operand) scales may be per output channel; zero points of operands with more
+    than one scale must be 0 (symmetric), since a per-channel zero point cannot be subtracted from a
+    shared activation before the reduction.
+    """
+    if a.scale.size != 1 or a.zero_point.size != 1:
+        return None
+    if b.scale.size == 1:
+        return (a.scale.reshape(()) * b.scale.reshape(())).astype(np.float32)
+    if np.any(b.zero_point != 0) or b.data_const is None:
+        return None
+    rank = len(call.ty.shape.values)
+    if call.op == _CONV2D:
+        if b.axis != 0 or call.attrs.data_layout != "NCHW" or call.attrs.kernel_layout != "OIHW":
+            return None
+        shape = [1, b.scale.size] + [1] * (rank - 2)
+    else:
+        if b.axis not in (b.data_const.ndim - 1, -1):
+            return None
+        shape = [b.scale.size]
+    return (a.scale.reshape(()) * b.scale).reshape(shape).astype(np.float32)
+
+
+@relax.expr_functor.mutator
+class _ElementwiseQDQ(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if call.op not in (_QUANTIZE, _DEQUANTIZE) or isinstance(_value(self, call.args[0]), Constant):
+            return call
+        scale, zero_point = _const(self, call.args[1]), _const(self, call.args[2])
+        if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+            return call
+        scale = relax.const(scale.astype(np.float32).reshape(()), "float32")
+        zero = relax.const(zero_point.astype(np.float32).reshape(()), "float32")
+        if call.op == _DEQUANTIZE:
+            return relax.op.multiply(relax.op.subtract(relax.op.astype(call.args[0], "float32"), zero), scale)
+        dtype = str(call.attrs.out_dtype)
+        info = np.iinfo(dtype)
+        rounded = relax.op.add(relax.op.round(relax.op.divide(call.args[0], scale)), zero)
+        low, high = (relax.const(float(v), "float32") for v in (info.min, info.max))
+        # maximum/minimum rather than R.clip: ConvertLayout has no layout rule for clip
+        return relax.op.astype(relax.op.minimum(relax.op.maximum(rounded, low), high), dtype)
+
+
+def integer_conv_matmul():
+    """Pass: conv2d / matmul on dequantized int8 inputs -> int16 x int16 -> int32 with a float rescale."""
+
+    @tvm.transform.module_pass(opt_level=0, name="IntegerConvMatmul")
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = _IntegerRewriter(mod).visit_expr(func)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return transform
+
+
+def elementwise_qdq():
+    """Pass: per-tensor QuantizeLinear / DequantizeLinear of activations as element-wise Relax ops.
+
+    `R.quantize` / `R.dequantize` have no layout rule, so ConvertLayout would wrap each in NHWC<->NCHW
+    transposes, and FuseOps would not put a QuantizeLinear into the convolution epilogue. As
+    divide, round (half to even), add, clip and cast they do both. Run after `integer_conv_matmul`,
+    which looks for `R.dequantize` on convolution inputs.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="ElementwiseQDQ")
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = _ElementwiseQDQ(mod).visit_expr(func)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return transform

@@ -1,0 +1,153 @@
+"""QDQ models through graphpress' CPU layer: integer convolutions/matmuls, requantization fused.
+
+The QDQ models are made by onnxruntime's own `quantize_static` (per-channel int8 weights, int8
+activations) from float graphs built in code, and the TVM result is compared with onnxruntime's
+execution of the same QDQ model: its fused integer kernels (QLinearConv etc.) and its exact
+reference (graph optimizations off, float arithmetic on the dequantized values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+tvm = pytest.importorskip("tvm")
+
+from graphpress.backends import targets  # noqa: E402
+from graphpress.backends.cpu import pipeline  # noqa: E402
+from graphpress.backends.tvm_compile import import_relax, input_specs  # noqa: E402
+from test_cpu_schedules import conv_block, lower_and_run, make_model, tensor, weight  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+RNG = np.random.default_rng(1)
+
+
+def quantize_static(model: onnx.ModelProto, feeds: list[dict], tmp_path: Path, per_channel=True, **extra):
+    """onnxruntime's QDQ quantization of `model` calibrated on `feeds`; returns the QDQ ModelProto."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model, str(src))
+    ort_quantize(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options=extra)
+    return onnx.load(str(dst))
+
+
+def onnxruntime_qdq(model: onnx.ModelProto, feeds: dict, optimized: bool) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def output_step(model: onnx.ModelProto) -> float:
+    """The quantization step of the last QuantizeLinear (the output's grid)."""
+    last_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"][-1]
+    scale = next(i for i in model.graph.initializer if i.name == last_q.input[1])
+    return float(onnx.numpy_helper.to_array(scale))
+
+
+def integer_kernels(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Names of the fused conv/matmul functions after `prepare`: (with int16 inputs, float ones)."""
+    specs, _ = input_specs(model, None, "test")
+    target = targets.resolve("x86").tvm_target()
+    prepared = pipeline.prepare(import_relax(model, specs, "test"), target)
+    integer, floating = [], []
+    for gvar, func in prepared.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and ("conv2d" in gvar.name_hint or "matmul" in gvar.name_hint):
+            signature = next(line for line in func.script().splitlines() if "def main(" in line)
+            (integer if '"int16"' in signature else floating).append(gvar.name_hint)
+    assert "dequantize" not in str(prepared) and "quantize(" not in str(prepared)
+    return integer, floating
+
+
+def residual_conv_net():
+    """conv3x3+bias+ReLU -> conv3x3+bias, + residual, ReLU -> depthwise -> 1x1: the ResNet/MobileNet chains."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Add", ["c2", "r1"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("Conv", ["r2", "wd", "bd"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, group=16, strides=[2, 2]),
+        helper.make_node("Relu", ["d"], ["r3"]),
+        helper.make_node("Conv", ["r3", "wp", "bp"], ["y"], kernel_shape=[1, 1]),
+    ]
+    inits = [weight("w1", 16, 8, 3, 3), weight("b1", 16), weight("w2", 16, 16, 3, 3), weight("b2", 16),
+             weight("wd", 16, 1, 3, 3), weight("bd", 16), weight("wp", 24, 16, 1, 1), weight("bp", 24)]
+    return make_model(nodes, [tensor("x", 1, 8, 12, 12)], [tensor("y", 1, 24, 6, 6)], inits, opset=13)
+
+
+def assert_int8_matches(qdq: onnx.ModelProto, feeds: dict) -> float:
+    """Within one output quantization step of onnxruntime's exact QDQ reference; returns the share of
+    outputs equal to it.
+
+    onnxruntime's fused integer kernels are not the reference: on x86 without VNNI they add
+    uint8 x int8 products pairwise in saturating int16 and can be off by several steps.
+    """
+    got, _ = lower_and_run(qdq, feeds)
+    step = output_step(qdq)
+    reference = onnxruntime_qdq(qdq, feeds, optimized=False)
+    for g, w in zip(got, reference):
+        assert g.shape == w.shape
+        assert float(np.abs(g - w).max()) <= step * 1.001, (float(np.abs(g - w).max()), step)
+    return float(np.mean(np.isclose(got[0], reference[0], rtol=0, atol=step * 1e-3)))
+
+
+def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path):
+    model = residual_conv_net()
+    calibration = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    integer, floating = integer_kernels(qdq)
+    assert len(integer) == 4 and not floating  # every Conv became int16 x int16 -> int32
+    feeds = {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}
+    assert assert_int8_matches(qdq, feeds) >= 0.99  # ties in the requantization rounding are the only differences
+    got, _ = lower_and_run(qdq, feeds)
+    fused = onnxruntime_qdq(qdq, feeds, optimized=True)[0]  # QLinearConv: integer-exact on this graph
+    assert float(np.abs(got[0] - fused).max()) <= output_step(qdq) * 1.001
+
+
+def test_qdq_matmul_runs_in_integer_arithmetic(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    model = make_model(nodes, [tensor("x", 1, 10, 32)], [tensor("y", 1, 10, 24)], [weight("w", 32, 24)], opset=13)
+    calibration = [{"x": RNG.standard_normal((1, 10, 32)).astype(np.float32)} for _ in range(8)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    integer, floating = integer_kernels(qdq)
+    assert len(integer) == 1 and not floating
+    assert_int8_matches(qdq, {"x": RNG.standard_normal((1, 10, 32)).astype(np.float32)})
+
+
+def test_asymmetric_weights_stay_float(tmp_path):
+    """A per-channel weight zero point != 0 has no exact form as int16 products here: it stays float."""
+    model = conv_block(cin=8, cout=16, k=3, hw=8)
+    calibration = [{"x": RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(4)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    weight_dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w"))
+    zero_point = next(i for i in qdq.graph.initializer if i.name == weight_dq.input[2])
+    zero_point.CopyFrom(onnx.numpy_helper.from_array(np.ones(16, np.int8), zero_point.name))
+    integer, floating = integer_kernels(qdq)
+    assert not integer and len(floating) == 1
+    assert_int8_matches(qdq, {"x": RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)})
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "resnet8_cifar10.onnx").is_file(), reason="../shared/models absent")
+def test_resnet8_qdq_matches_onnxruntime(tmp_path):
+    model = onnx.load(str(SHARED / "models" / "resnet8_cifar10.onnx"))
+    calibration = [{"input_1": RNG.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)} for _ in range(8)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    integer, floating = integer_kernels(qdq)
+    assert len(integer) == 10 and not floating  # 9 convolutions and the dense layer
+    assert_int8_matches(qdq, {"input_1": RNG.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)})
