@@ -47,8 +47,11 @@ def _constant_count(model: Model) -> int:
 
 @register("eliminate-identity")
 class EliminateIdentity(Pass):
-    """Bypass nodes that return their input unchanged: Identity, Dropout in inference mode (mask unused),
-    and Cast/Reshape/Transpose/Expand and one-input Concat/Sum that are provably no-ops."""
+    """Bypass nodes that return their input unchanged (Identity, inference Dropout, no-op Cast/Reshape/...).
+
+    Covered: Identity; Dropout in inference mode whose mask is unused; Cast to the input's dtype; Reshape
+    to the input's shape; Transpose with the identity permutation; Expand that broadcasts nothing; Concat
+    and Sum of a single input."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = defaultdict(int)

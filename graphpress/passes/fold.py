@@ -23,13 +23,15 @@ from .registry import register
 
 @register("fold")
 class Fold(Pass):
-    """Fold constants and shapes, remove dead/identity/duplicate nodes and fuse Conv+BN, Conv+Mul/Add
-    and MatMul+Add, repeated until nothing changes."""
+    """Fold constants and shapes, drop dead/identity/duplicate nodes and fuse layers, to a fixed point.
+
+    The fusions are Conv+BatchNormalization, Conv/BatchNormalization+per-channel Mul/Add and
+    MatMul+Add->Gemm; the round repeats until nothing changes (see the module docstring)."""
 
     max_iterations: int = 10       # cap on rounds of the whole sequence
-    max_growth: float = 4.0        # fold-constants: skip outputs this many times larger than their inputs ...
-    size_floor_kb: int = 1024      # ... when also larger than this (KiB)
-    fusions: bool = True           # run the Conv/MatMul fusions
+    max_growth: float = 4.0        # fold-constants: keep a node whose output is this many times its largest input
+    size_floor_kb: int = 1024      # fold-constants: outputs up to this size (KiB) are always folded
+    fusions: bool = True           # run the Conv/BatchNormalization/MatMul fusions
 
     def passes(self) -> list[Pass]:
         """The sub-passes of one round, in order."""

@@ -42,8 +42,8 @@ class FoldConstants(Pass):
     (the model would balloon) unless every consumer reads it as a layer weight.
     """
 
-    max_growth: float = 4.0        # skip outputs this many times larger than their largest input ...
-    size_floor_kb: int = 1024      # ... when they are also larger than this (KiB)
+    max_growth: float = 4.0        # keep a node whose output is this many times its largest input (not a weight)
+    size_floor_kb: int = 1024      # outputs up to this size (KiB) are always folded
     constant_nodes: bool = True    # turn Constant nodes into initializers
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

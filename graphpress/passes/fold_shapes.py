@@ -23,8 +23,9 @@ from .standalone import annotate_shapes
 
 @register("fold-shapes")
 class FoldShapes(Pass):
-    """Replace Shape/Size, and Gather/Slice of a Shape, by constants where the dims they read are static
-    (main graph)."""
+    """Replace Shape/Size, and Gather/Slice of a Shape, by constants where the dims they read are static.
+
+    Works on the main graph, with shapes from onnx shape inference (symbolic dims stay symbolic)."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not any(n.op in ("Shape", "Size") for n in model.graph.nodes):

@@ -35,7 +35,7 @@ class PruneChannels(Pass):
     target_macs: float | None = None           # keep this share of the MACs (replaces ratio), e.g. 0.7
     target_params: float | None = None         # keep this share of the parameters (replaces ratio)
     round_to: int = 1                          # kept channels per group are a multiple of this (8, 16)
-    criterion: Literal["l1", "l2", "bn", "activation"] = "l1"   # channel importance
+    criterion: Literal["l1", "l2", "bn", "activation", "reconstruction"] = "l1"   # channel importance
     reconstruct: bool = True                   # re-fit consumers by least squares on calibration data
     sensitivity: bool = False                  # pick per-group ratios by a sensitivity scan under the target
     ridge: float = 0.01                        # ridge strength of the re-fit, relative to mean diag(X^T X)

@@ -9,16 +9,19 @@ into int8 kernels), with int8 weights: ~4x smaller.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import numpy as np
 
 from ..errors import GraphpressError
 from ..ir import Model, infer_shapes
+from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.insert import existing_parameters, insert_qdq, store_bias, store_weight
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import scale_zero_point
+from ..quant.smoothquant import smooth
 from .base import Pass, PassContext, PassResult
 from .registry import register
 
@@ -64,6 +67,7 @@ class InsertQdq(Pass):
     exclude_pattern: str = ""                         # regex: nodes whose name matches stay float
     activation_matmul: bool = True                    # also quantize MatMul of two activations (attention)
     reduce_range: bool = False                        # 7-bit weights: exact in onnxruntime's AVX2 (non-VNNI) kernels
+    bias_correction: bool = False                     # fold the mean output shift of weight rounding into biases
 
     def selection(self) -> Selection:
         defaults = Selection()
@@ -82,6 +86,10 @@ class InsertQdq(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ensure_opset(model, QDQ_OPSET, ctx)
         plan = self.plan(model, ctx)
+        if self.bias_correction and plan.weights:
+            batches = require_calibration(ctx.calibration, "insert-qdq(bias-correction=true)")
+            if correct_biases(model, plan.weights, batches, self.reduce_range):
+                plan = self.plan(model, ctx)  # Convs without a bias now have one
         if plan.empty():
             return PassResult(changed=False, stats={"nodes": 0})
         ranges = self.activation_ranges(model, plan, ctx) if plan.activations else {}
@@ -108,3 +116,17 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
     for name, (scale, zero_point) in params.items():
         insert_qdq(model, tensors[name], scale, zero_point)
     model.cleanup()
+
+
+@register("smooth-quant")
+class SmoothQuant(Pass):
+    """Move activation outliers into MatMul weights (X/s, s*W) so that int8 activations lose less."""
+
+    alpha: float = 0.5            # share of the quantization difficulty moved from activations to weights
+    exclude_pattern: str = ""     # regex: MatMuls whose name matches are left alone
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        pattern = re.compile(self.exclude_pattern) if self.exclude_pattern else None
+        count = smooth(model, ctx.calibration, self.alpha,
+                       allowed=lambda node: pattern is None or not pattern.search(node.name or ""))
+        return PassResult(changed=count > 0, stats={"smoothed": count})
