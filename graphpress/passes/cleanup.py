@@ -1,8 +1,8 @@
 """Clean-up passes: what an exporter leaves behind that computes nothing new.
 
 - `eliminate-dead`: nodes no graph output depends on, and initializers nothing reads.
-- `eliminate-identity`: Identity, inference-mode Dropout, and Cast/Reshape/Transpose/Expand/Concat that
-  provably return their input unchanged.
+- `eliminate-identity`: Identity, inference-mode Dropout, and Cast/Reshape/Transpose/Expand (and one-input
+  Concat/Sum) that provably return their input unchanged.
 - `dedup-initializers`: constants with the same dtype, shape and bytes become one.
 - `cse`: nodes with the same op, domain, attributes and inputs become one (never for random ops).
 """
@@ -65,7 +65,13 @@ class EliminateIdentity(Pass):
                 if not in_default_domain(node) or not node.inputs or not node.outputs:
                     continue
                 with ctx.at(node):
-                    if no_op_reason(node) or any(t.outputs or id(t) in outputs for t in node.outputs[1:]):
+                    if node.op not in _NO_OP_CHECKS:
+                        continue
+                    why_not = no_op_reason(node) or (
+                        "a second output is used" if any(t.outputs or id(t) in outputs for t in node.outputs[1:])
+                        else "")
+                    if why_not:
+                        ctx.log.debug("eliminate-identity: keep %s %r: %s", node.op, node.name, why_not)
                         continue
                     source, result = node.inputs[0], node.outputs[0]
                     if id(result) in outputs and (id(source) in outputs or not source.inputs
