@@ -180,3 +180,16 @@ def test_fold_on_old_and_new_opsets(opset):
                   [("x", FLOAT, [2])], [("y", FLOAT, [2])], opset=opset)
     folded, _ = run_pass(proto, "fold")
     assert ops(folded) == ["Add"]
+
+
+def test_shapes_are_inferred_for_ir3_models_whose_initializers_are_not_inputs():
+    # IR 3 wants initializers listed as inputs too (the light models do that); gs drops them from the
+    # inputs, and shape inference ignores initializers that are not inputs in an IR-3 model
+    proto = model([helper.make_node("Mul", ["x", "k"], ["m"]), helper.make_node("Shape", ["m"], ["s"]),
+                   helper.make_node("Reshape", ["m", "s"], ["y"])],
+                  [("x", FLOAT, [2, 3]), ("k", FLOAT, [1, 3])], [("y", FLOAT, [2, 3])],
+                  {"k": np.ones((1, 3), np.float32)}, opset=9)
+    proto.ir_version = 3
+    onnx.checker.check_model(proto)
+    folded, _ = run_pass(proto, "fold", inputs={"x": np.ones((2, 3), np.float32)})
+    assert ops(folded) == ["Mul"]

@@ -49,6 +49,8 @@ class Model:
         """Export to a ModelProto (the graph is not modified, not even topologically sorted)."""
         proto = _export_with_optional_types(self)
         _type_attributes_from_text(proto)
+        if proto.ir_version < 4:
+            _list_initializers_as_inputs(proto.graph)
         proto.doc_string = self.proto_fields.get("doc_string", "")
         proto.domain = self.proto_fields.get("domain", "")
         proto.model_version = self.proto_fields.get("model_version", 0)
@@ -264,3 +266,10 @@ def _type_attributes_from_text(proto: onnx.ModelProto) -> None:
                     attr.ClearField("s")
                     attr.type = onnx.AttributeProto.TYPE_PROTO
                     attr.tp.CopyFrom(type_proto)
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR < 4 requires every initializer to be a graph input as well; gs drops them from the inputs."""
+    listed = {i.name for i in graph.input}
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in graph.initializer if t.name not in listed)
