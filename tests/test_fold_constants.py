@@ -193,3 +193,20 @@ def test_shapes_are_inferred_for_ir3_models_whose_initializers_are_not_inputs():
     onnx.checker.check_model(proto)
     folded, _ = run_pass(proto, "fold", inputs={"x": np.ones((2, 3), np.float32)})
     assert ops(folded) == ["Mul"]
+
+
+def test_loop_body_is_cleaned_and_the_loop_survives():
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Constant", [], ["step"], value=helper.make_tensor("v", FLOAT, [1], [0.5])),
+         helper.make_node("Identity", ["step"], ["step2"]),
+         helper.make_node("Add", ["acc_in", "step2"], ["acc_out"])],
+        "body", [helper.make_tensor_value_info("i", INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("acc_in", FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", FLOAT, [1])])
+    proto = model([helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)],
+                  [("x", FLOAT, [1])], [("y", FLOAT, [1])], {"trips": np.int64(4)})
+    folded, stats = run_pass(proto, "fold")
+    assert ops(folded) == ["Loop"]
+    body_ops = [n.op for n in folded.graph.nodes[0].attrs["body"].nodes]
+    assert "Constant" not in body_ops and body_ops.count("Identity") == 1  # cond_in -> cond_out must stay
