@@ -1,4 +1,9 @@
-"""Facts about nodes and a small in-place edit that the folding and clean-up passes share."""
+"""What the folding, clean-up and fusion passes share about nodes and graph edits.
+
+Facts (is a node deterministic, does it run a subgraph) and fast edits (a tensor becomes a constant,
+readers move to another tensor, dead nodes go and the rest is sorted, fresh names) that stay linear in
+the graph size: the passes run many times inside `fold`, so per-edit whole-model scans add up.
+"""
 
 from __future__ import annotations
 
