@@ -247,3 +247,30 @@ def test_factors_are_quantized_by_insert_qdq_in_one_pipeline():
     for node in matmuls:
         assert all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs), node.name
     assert ir.compare(model, result).max_rel < 0.05
+
+
+def test_measured_sensitivity_spares_the_layer_the_outputs_depend_on_most():
+    """Two branches with the same spectrum, one scaled by 50 before the sum: only measurement tells them apart."""
+    w = spectrum_weight(np.linspace(2.0, 1.0, 20), 40, 40)
+    model = make_model([helper.make_node("MatMul", ["x", "w_loud"], ["a"]), helper.make_node("Mul", ["a", "fifty"], ["b"]),
+                        helper.make_node("MatMul", ["x", "w_quiet"], ["c"]), helper.make_node("Add", ["b", "c"], ["y"])],
+                       [("x", [8, 40])], ["y"], {"w_loud": w, "w_quiet": w.copy(), "fifty": np.float32([50.0])})
+    calibration = [ir.random_inputs(model, seed=s) for s in range(3)]
+    pipeline = "svd-split(target-params=0.85,budget-of=layers,sensitivity={})"
+    _, measured, _ = split(model, pipeline.format("measured"), calibration)
+    ranks = {layer["weight"]: layer["rank"] for layer in measured["layers"]}
+    assert ranks["w_loud"] is None and ranks["w_quiet"] is not None, ranks
+
+
+def test_trial_split_restores_the_graph_exactly():
+    from graphpress.lowrank.factorize import decompose
+    from graphpress.lowrank.groups import group_sites
+    from graphpress.lowrank.sensitivity import trial_split
+    from graphpress.lowrank.sites import find_site
+    model = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], transA=1, alpha=0.5)], [("x", [32, 4])], ["y"],
+                       {"w": low_rank(32, 24, 4)})
+    before = model.to_onnx().SerializeToString()
+    groups, _ = group_sites(model, [find_site(model, node) for node in model.graph.nodes])
+    with trial_split(model, groups[0], decompose(groups[0].matrix), 2):
+        assert ops(model) == ["Gemm", "Gemm"]
+    assert model.to_onnx().SerializeToString() == before

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
-from ..ir import Model
+from ..ir import Model, new_constant
+from .factorize import Decomposition
 from .sites import Site
 
 
@@ -37,6 +39,22 @@ class WeightGroup:
     @property
     def params(self) -> int:
         return int(self.matrix.size)
+
+    def split(self, model: Model, decomposition: Decomposition, rank: int) -> list[gs.Node]:
+        """Rewrite every site into two thin ops; sites with the same layout share one pair of factor
+        initializers. Returns the inserted nodes."""
+        first, second = decomposition.factors(rank)
+        dtype = self.matrix.dtype
+        stored: dict[str, tuple[gs.Constant, gs.Constant]] = {}
+        inserted = []
+        for site in self.sites:
+            if site.layout not in stored:
+                a, b = site.stored(first, second)
+                base = site.source.name
+                stored[site.layout] = (new_constant(model, f"{base}_svd_a", a.astype(dtype)),
+                                       new_constant(model, f"{base}_svd_b", b.astype(dtype)))
+            inserted.append(site.rewrite(model, *stored[site.layout]))
+        return inserted
 
 
 def group_sites(model: Model, sites: list[Site]) -> tuple[list[WeightGroup], dict[str, str]]:
