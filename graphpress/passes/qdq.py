@@ -10,7 +10,7 @@ into int8 kernels), with int8 weights: ~4x smaller.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.insert import existing_parameters, insert_qdq, store_bias, store_weight
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import scale_zero_point
+from ..quant.sensitivity import OutputProbe, choose_float_nodes, rank_by_sensitivity
 from ..quant.smoothquant import smooth
 from .base import Pass, PassContext, PassResult
 from .registry import register
@@ -69,40 +70,71 @@ class InsertQdq(Pass):
     reduce_range: bool = False                        # 7-bit weights: exact in onnxruntime's AVX2 (non-VNNI) kernels
     bias_correction: bool = False                     # fold the mean output shift of weight rounding into biases
 
-    def selection(self) -> Selection:
+    keep_float: list[str] | None = None               # node names kept float, or [auto]: most sensitive first
+    target_sqnr: float = 30.0                         # keep-float=auto: output SQNR (dB) to reach
+    max_float: float = 0.2                            # keep-float=auto: at most this share of nodes kept float
+    sensitivity_batches: int = 2                      # keep-float=auto: calibration batches scored
+
+    def selection(self, keep_float: Iterable[str] = ()) -> Selection:
         defaults = Selection()
-        return Selection(ops=tuple(self.ops or defaults.ops), exclude_nodes=tuple(self.exclude_nodes or ()),
+        names = tuple(self.exclude_nodes or ()) + tuple(keep_float)
+        return Selection(ops=tuple(self.ops or defaults.ops), exclude_nodes=names,
                          exclude_ops=tuple(self.exclude_ops or ()), exclude_pattern=self.exclude_pattern,
                          activation_matmul=self.activation_matmul)
 
-    def plan(self, model: Model, ctx: PassContext) -> QuantPlan:
-        return make_plan(model, tensor_dtypes(model), self.selection(), self.per_channel, ctx.log)
-
-    def activation_ranges(self, model: Model, plan: QuantPlan, ctx: PassContext) -> dict[str, tuple[float, float]]:
-        batches = require_calibration(ctx.calibration, f"insert-qdq (method={self.method})")
-        return collect_ranges(model, plan.activations, batches, self.method, self.activation_type,
-                              self.symmetric_activations, self.percentile * (100 if self.percentile <= 1 else 1))
-
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ensure_opset(model, QDQ_OPSET, ctx)
-        plan = self.plan(model, ctx)
+        dtypes = tensor_dtypes(model)
+        plan = make_plan(model, dtypes, self.selection(), self.per_channel, ctx.log)
         if self.bias_correction and plan.weights:
             batches = require_calibration(ctx.calibration, "insert-qdq(bias-correction=true)")
             if correct_biases(model, plan.weights, batches, self.reduce_range):
-                plan = self.plan(model, ctx)  # Convs without a bias now have one
+                plan = make_plan(model, dtypes, self.selection(), self.per_channel, ctx.log)  # new biases
         if plan.empty():
             return PassResult(changed=False, stats={"nodes": 0})
         ranges = self.activation_ranges(model, plan, ctx) if plan.activations else {}
-        apply_plan(model, plan, ranges, self.activation_type, self.symmetric_activations, self.reduce_range)
+        stats = {}
+        keep = list(self.keep_float or ())
+        if keep == ["auto"]:
+            keep, stats = self.most_sensitive(model, dtypes, plan, ranges, ctx)
+        if keep:
+            plan = make_plan(model, dtypes, self.selection(keep), self.per_channel, ctx.log)
+        self.apply(model, plan, ranges)
         return PassResult(changed=True, stats={"nodes": len(plan.nodes), "activations": len(plan.activations),
-                                               "weights": len(plan.weights), "biases": len(plan.biases)})
+                                               "weights": len(plan.weights), "biases": len(plan.biases),
+                                               "float": len(keep), **stats})
+
+    def activation_ranges(self, model: Model, plan: QuantPlan, ctx: PassContext) -> dict[str, tuple[float, float]]:
+        batches = require_calibration(ctx.calibration, f"insert-qdq (method={self.method})")
+        # shared outputs too: keeping their MaxPool/Resize float (keep-float) makes them plain activations
+        return collect_ranges(model, plan.activations + list(plan.shared), batches, self.method, self.activation_type,
+                              self.symmetric_activations, self.percentile * (100 if self.percentile <= 1 else 1))
+
+    def apply(self, model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> None:
+        apply_plan(model, plan, ranges, self.activation_type, self.symmetric_activations, self.reduce_range)
+
+    def most_sensitive(self, model: Model, dtypes, plan: QuantPlan, ranges, ctx: PassContext
+                       ) -> tuple[list[str], dict]:
+        """keep-float=auto: the nodes to keep float (sensitivity-ranked) and what was measured."""
+        def build(float_nodes: set[str]) -> Model:
+            variant = model.copy()
+            self.apply(variant, make_plan(variant, dtypes, self.selection(float_nodes), self.per_channel, ctx.log),
+                       ranges)
+            return variant
+
+        probe = OutputProbe(model, ctx.calibration, self.sensitivity_batches)
+        ranked = rank_by_sensitivity(plan.nodes, build, probe, ctx.log)
+        cap = int(self.max_float * len(plan.nodes))
+        keep, reached = choose_float_nodes(ranked, build, probe, self.target_sqnr, cap, log=ctx.log)
+        ctx.reports["insert-qdq"] = {"sensitivity_db": dict(ranked), "float_nodes": keep, "sqnr_db": reached}
+        return keep, {"sqnr_db": round(reached, 2)}
 
 
 def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]], activation_type: str,
                symmetric: bool, reduce_range: bool = False) -> None:
     """Edit `model` as `plan` says, with activation `ranges` from calibration."""
     tensors = model.tensors()
-    params = {name: scale_zero_point(lo, hi, activation_type, symmetric) for name, (lo, hi) in ranges.items()}
+    params = {name: scale_zero_point(*ranges[name], activation_type, symmetric) for name in plan.activations}
     for output, source in plan.shared.items():
         found = params.get(source) or existing_parameters(tensors[source])
         if found is None:

@@ -50,3 +50,17 @@ def collect_ranges(model: Model, names: list[str], batches: Iterable[dict], meth
         for name in names:
             histograms[name].observe(values[name])
     return {name: select_range(method, hist, qtype, symmetric, percentile) for name, hist in histograms.items()}
+
+
+def channel_absmax(model: Model, names: list[str], batches: Iterable[dict], what: str = "channel ranges"
+                   ) -> dict[str, np.ndarray]:
+    """{tensor name: max |x| per channel (the last axis)} over all calibration batches."""
+    result: dict[str, np.ndarray] = {}
+    for values in activation_batches(model, names, batches, progress=f"calibrating ({what})"):
+        for name in names:
+            value = np.abs(np.asarray(values[name], dtype=np.float32))
+            batch_max = value.reshape(-1, value.shape[-1]).max(axis=0)
+            result[name] = np.maximum(result[name], batch_max) if name in result else batch_max
+    if len(result) < len(set(names)):
+        raise GraphpressError("the calibration data is empty (no batches)")
+    return result

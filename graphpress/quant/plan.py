@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir import Model
+from .smoothquant import is_smoothing
 
 COVERED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
                "GlobalAveragePool", "GlobalMaxPool", "Resize", "Gather")
@@ -135,6 +136,8 @@ def make_plan(model: Model, dtypes: dict[str, np.dtype], selection: Selection, p
     plan = QuantPlan()
     for node in model.nodes(recursive=False):
         reason = selection.why_not(node)
+        if reason is None and is_smoothing(model, node):
+            reason = "a SmoothQuant scaling: kept float so that the smoothed activation is quantized"
         if reason is None:
             reason = _plan_node(model, node, dtypes, selection, per_channel, plan)
         if reason is not None and node.op in COVERED_OPS:
