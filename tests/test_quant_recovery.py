@@ -136,3 +136,47 @@ def test_sqnr_of_identical_and_noisy_outputs():
     ref = [[np.ones((2, 3), np.float32)]]
     assert sqnr_db(ref, ref) == float("inf")
     assert sqnr_db(ref, [[np.full((2, 3), 1.1, np.float32)]]) == pytest.approx(20.0)
+
+
+def conv_chain(activation="Relu", depthwise=False):
+    """Conv -> activation -> Conv (dense or depthwise) with badly balanced channel ranges."""
+    w1 = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([10, 0.1, 1, 3], np.float32)[:, None, None, None]
+    w2 = (RNG.standard_normal((4, 1, 3, 3)) if depthwise else RNG.standard_normal((5, 4, 1, 1))).astype(np.float32)
+    act_inputs = ["c1", "lo", "hi"] if activation == "Clip" else ["c1"]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node(activation, act_inputs, ["r1"], name="act"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", **({"group": 4, "pads": [1, 1, 1, 1]}
+                                                                           if depthwise else {}))]
+    inits = [_const("w1", w1), _const("b1", RNG.standard_normal(4)), _const("w2", w2),
+             _const("lo", 0.0), _const("hi", 6.0)]
+    out = 4 if depthwise else 5
+    return _model(nodes, [_f("x", 1, 3, 6, 6)], [_f("y", 1, out, 6, 6)], inits)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_equalize_balances_ranges_and_keeps_the_function(depthwise):
+    model = conv_chain(depthwise=depthwise)
+    original = model.copy()
+    manager = PassManager("equalize")
+    manager.run(model)
+    assert manager.records[-1].stats == {"pairs": 1}
+    assert compare(original, model).within(rtol=1e-5)
+    conv1, conv2 = (next(n for n in model.nodes() if n.name == name) for name in ("conv1", "conv2"))
+    r1 = np.abs(conv1.inputs[1].values).reshape(4, -1).max(1)
+    w2 = conv2.inputs[1].values
+    r2 = np.abs(w2 if depthwise else w2.swapaxes(0, 1)).reshape(4, -1).max(1)
+    np.testing.assert_allclose(r1, r2, rtol=1e-4)
+    manager.run(model)
+    assert not manager.records[-1].changed  # balanced already: running again changes nothing
+
+
+def test_equalize_leaves_relu6_alone_unless_asked():
+    model = conv_chain("Clip")
+    manager = PassManager("equalize")
+    manager.run(model)
+    assert not manager.records[-1].changed
+    PassManager("equalize(relu6-as-relu=true)").run(model)
+    assert [n.op for n in model.nodes()] == ["Conv", "Relu", "Conv"]
+    sigmoid = conv_chain("Sigmoid")
+    PassManager("equalize").run(sigmoid)
+    assert [n.op for n in sigmoid.nodes()] == ["Conv", "Sigmoid", "Conv"]

@@ -18,6 +18,7 @@ from ..errors import GraphpressError
 from ..ir import Model, infer_shapes
 from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
+from ..quant.equalize import equalize
 from ..quant.insert import existing_parameters, insert_qdq, store_bias, store_weight
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import scale_zero_point
@@ -162,3 +163,14 @@ class SmoothQuant(Pass):
         count = smooth(model, ctx.calibration, self.alpha,
                        allowed=lambda node: pattern is None or not pattern.search(node.name or ""))
         return PassResult(changed=count > 0, stats={"smoothed": count})
+
+
+@register("equalize")
+class Equalize(Pass):
+    """Cross-layer equalization: balance weight ranges across Conv -> ReLU -> Conv (no data needed)."""
+
+    relu6_as_relu: bool = False   # also equalize across Clip(0,6), replacing it by Relu (changes the function)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        count = equalize(model, self.relu6_as_relu)
+        return PassResult(changed=count > 0, stats={"pairs": count})
