@@ -115,7 +115,9 @@ def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path):
     assert len(integer) == 4 and not floating  # every Conv became int16 x int16 -> int32
     feeds = {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}
     assert assert_int8_matches(qdq, feeds) >= 0.99  # ties in the requantization rounding are the only differences
-    got, _ = lower_and_run(qdq, feeds)
+    got, rules = lower_and_run(qdq, feeds)
+    conv_rules = sorted(rule for name, rule in rules.items() if "conv2d" in name)
+    assert conv_rules == ["TiledPairs"] * 3 + ["TiledReduction"]  # vpmaddwd; the depthwise conv has no pairs
     fused = onnxruntime_qdq(qdq, feeds, optimized=True)[0]  # QLinearConv: integer-exact on this graph
     assert float(np.abs(got[0] - fused).max()) <= output_step(qdq) * 1.001
 

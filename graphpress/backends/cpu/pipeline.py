@@ -26,6 +26,7 @@ def prepare_passes(target) -> list:
     from tvm import relax
 
     from .int8 import elementwise_qdq, integer_conv_matmul
+    from .pairs import pair_convolutions
     from .relax_rewrites import clip_to_relax_ops, fold_constants_numpy
 
     return [
@@ -37,6 +38,7 @@ def prepare_passes(target) -> list:
         clip_to_relax_ops(),
         relax.transform.ConvertLayout(CONV_LAYOUT),
         fold_constants_numpy(),
+        pair_convolutions(target),
         relax.transform.FoldConstant(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -5,6 +5,8 @@
   of (second-innermost x vector-of-innermost) accumulators, vectorized and unrolled, reduction loops
   around it, parallel outer loops, and the fused epilogue (bias, activation, residual) computed per
   tile while it is still in registers.
+- `TiledPairs`: the same tile for int16 convolutions with channel-pair packed weights, tensorized
+  with x86 `vpmaddwd` (see `..pairs`).
 - `RowReduction`: the other reductions (softmax, layer norm, mean along the innermost axis):
   parallel over independent rows, element-wise parts vectorized. (TVM 0.27's DLight CPU `Reduction`
   rule is not used: on a [1, N] softmax it parallelizes over N and every thread recomputes, and races
@@ -15,9 +17,10 @@ The rules read the vector width and register count from the target (`machine.vec
 """
 
 from .injective import Injective
+from .pairs import TiledPairs
 from .reduction import RowReduction
 from .tiled import TiledReduction
 
-RULES = (TiledReduction(), RowReduction(), Injective())
+RULES = (TiledPairs(), TiledReduction(), RowReduction(), Injective())
 
-__all__ = ["RULES", "Injective", "RowReduction", "TiledReduction"]
+__all__ = ["RULES", "Injective", "RowReduction", "TiledPairs", "TiledReduction"]

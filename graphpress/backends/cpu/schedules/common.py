@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-#: below this many output elements a loop nest is not worth handing to the thread pool
-PARALLEL_MIN_ELEMENTS = 4096
+#: below this much work (multiply-adds, or elements for element-wise loops; ~0.1 ms on one core) a
+#: loop nest is not handed to the thread pool: waking and joining the pool costs more than it saves,
+#: and on a busy machine a parallel region waits for a descheduled worker for a whole time slice
+PARALLEL_MIN_WORK = 1 << 21
 
 
 def const_extent(value) -> int | None:
@@ -30,12 +32,12 @@ def is_var(expr, var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
 
 
-def parallelize(sch: s_tir.Schedule, loops: list, elements: int) -> None:
+def parallelize(sch: s_tir.Schedule, loops: list, work: int) -> None:
     """Fuse `loops` and run them on the thread pool when there is enough work."""
     if not loops:
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if elements >= PARALLEL_MIN_ELEMENTS and const_extent(sch.get(fused).extent) not in (None, 1):
+    if work >= PARALLEL_MIN_WORK and const_extent(sch.get(fused).extent) not in (None, 1):
         sch.parallel(fused)
 
 

@@ -64,27 +64,33 @@ def _fits(sch: s_tir.Schedule, info) -> bool:
     return any(is_var(innermost_index(r), last) for r in block.reads)
 
 
-def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int) -> None:
-    """Apply the register-tile schedule to the reduction `block` (loops ordered S..S R..R)."""
+def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int, intrinsic: str | None = None) -> None:
+    """Apply the register-tile schedule to the reduction `block` (loops ordered S..S R..R).
+
+    With `intrinsic` (a tensor intrinsic over [lanes outputs x last reduction axis]), the last
+    reduction loop stays inside the channel loop and each `lanes` channels are tensorized with it.
+    """
     iters = sch.get(block).iter_vars
     loops = sch.get_loops(block)
     n_spatial = sum(1 for iv in iters if iv.iter_type == tirx.IterVar.DataPar)
     spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    inner = reduce[-1:] if intrinsic else []
+    outer_reduce = reduce[:len(reduce) - len(inner)]
     extents = [int(iv.dom.extent) for iv in iters[:n_spatial]]
     work = 1
-    for e in extents:
-        work *= e
+    for iv in iters:
+        work *= int(iv.dom.extent)
     rows_axis, outer = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators)
     if rows_axis is None:
         c_out, p_out, c_in = sch.split(spatial[-1], [None, 1, vec := extents[-1] if extents[-1] <= 2 * lanes
                                                       else register_tile(extents[-1], 1, lanes, accumulators)[0]])
         p_in = None
-        sch.reorder(c_out, p_out, *reduce, c_in)
+        sch.reorder(c_out, p_out, *outer_reduce, c_in, *inner)
     else:
         vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators)
         c_out, c_in = sch.split(spatial[-1], [None, vec])
         p_out, p_in = sch.split(rows_axis, [None, rows])
-        sch.reorder(*outer, c_out, p_out, *reduce, p_in, c_in)
+        sch.reorder(*outer, c_out, p_out, *outer_reduce, p_in, c_in, *inner)
     epilogue = consumer_chain(sch, block)
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, p_out, preserve_unit_loops=False)
@@ -93,9 +99,16 @@ def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int) ->
     _vectorize_tile(sch, local)
     if p_in is not None:
         sch.unroll(p_in)
-    sch.vectorize(c_in)
+    if intrinsic:
+        c_vectors, c_lanes = sch.split(c_in, [None, lanes])
+        sch.unroll(c_vectors)
+    else:
+        sch.vectorize(c_in)
     parallelize(sch, [*outer, c_out, p_out] if rows_axis is not None else [c_out, p_out], work)
-    sch.decompose_reduction(block, reduce[0])  # the init copies the unrolled, vectorized tile loops
+    init = sch.decompose_reduction(block, outer_reduce[0])  # the init copies the unrolled tile loops
+    if intrinsic:
+        _vectorize_tile(sch, init)
+        sch.tensorize(c_lanes, intrinsic)
 
 
 def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators):

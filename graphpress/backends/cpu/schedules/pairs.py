@@ -1,0 +1,46 @@
+"""Schedule for `conv2d_nhwc_pairs` (see `..pairs`): the register tile, tensorized with `vpmaddwd`."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from ..machine import vector_unit
+from ..pairs import BLOCK_NAME, PAIR_DOT, register_intrinsics
+from .injective import schedule_injective
+from .tiled import tile_reduction
+
+
+class TiledPairs(CPUScheduleRule):
+    """The `TiledReduction` tile with the innermost [int32 lanes x channel pair] done by one instruction.
+
+    The padded input stays a separate (vectorized) copy: the intrinsic loads the channel pair with one
+    32-bit load, which a guarded (inlined) padding load would not allow.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        mains = [b for b in infos or [] if b.name == BLOCK_NAME]
+        lanes = vector_unit(target).lanes("int32")
+        if len(mains) != 1 or lanes not in PAIR_DOT or int(mains[0].dom()[-1 - _reduce_count(mains[0])]) % lanes:
+            return None
+        register_intrinsics()
+        pad = [b for b in infos if b.name == "pad_temp"]
+        for info in infos:
+            if info is not mains[0] and info not in pad:
+                try:
+                    sch.compute_inline(info.block_rv)
+                except s_tir.ScheduleError:  # the output block: computed per tile by tile_reduction
+                    continue
+        tile_reduction(sch, mains[0].block_rv, lanes, vector_unit(target).accumulators, PAIR_DOT[lanes])
+        for info in pad:
+            schedule_injective(sch, info.block_rv, 2 * lanes)
+        return sch
+
+
+def _reduce_count(info) -> int:
+    return info.dom_kind().count("R")
