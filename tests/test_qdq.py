@@ -241,3 +241,22 @@ def test_every_observer_produces_a_working_model(method):
     original, q, record = quantize(conv_net(), f"insert-qdq(method={method})", )
     assert record.changed
     assert compare(original, q, calibration(original, 1)[0]).within(rtol=0.1)
+
+
+def test_outputs_can_stay_float():
+    _, q, _ = quantize(matmul_net(), "insert-qdq(ops=[MatMul],outputs=false)")
+    linear = next(n for n in q.nodes(op="MatMul") if n.name == "linear")
+    assert linear.inputs[0].inputs[0].op == "DequantizeLinear"
+    assert consumers_ops(q, linear.outputs[0].name) == ["Add"]  # no Q after the MatMul
+
+
+def test_gather_tables_are_stored_int8_per_row():
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+    model = _model(nodes, [ids], [_f("y", 2, 3, 4)], [_init("table", 10, 6), _init("w", 6, 4)])
+    inputs = {"ids": np.array([[0, 3, 9], [1, 1, 2]], np.int64)}
+    original, q, _ = quantize(model, batches=[inputs])
+    table = dq_of(q, "table")
+    assert table.attrs["axis"] == 0 and table.inputs[1].values.shape == (10,)
+    assert compare(original, q, inputs).within(rtol=0.05)

@@ -68,6 +68,7 @@ class InsertQdq(Pass):
     exclude_ops: list[str] | None = None                    # op types to keep in float
     exclude_pattern: str = ""                         # regex: nodes whose name matches stay float
     activation_matmul: bool = True                    # also quantize MatMul of two activations (attention)
+    outputs: bool = True                              # quantize outputs of quantized ops (false: float outputs)
     reduce_range: bool = False                        # 7-bit weights: exact in onnxruntime's AVX2 (non-VNNI) kernels
     bias_correction: bool = False                     # fold the mean output shift of weight rounding into biases
 
@@ -81,7 +82,7 @@ class InsertQdq(Pass):
         names = tuple(self.exclude_nodes or ()) + tuple(keep_float)
         return Selection(ops=tuple(self.ops or defaults.ops), exclude_nodes=names,
                          exclude_ops=tuple(self.exclude_ops or ()), exclude_pattern=self.exclude_pattern,
-                         activation_matmul=self.activation_matmul)
+                         activation_matmul=self.activation_matmul, outputs=self.outputs)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ensure_opset(model, QDQ_OPSET, ctx)

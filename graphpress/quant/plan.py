@@ -69,6 +69,7 @@ class Selection:
     exclude_ops: tuple[str, ...] = ()
     exclude_pattern: str = ""          # regular expression searched in node names
     activation_matmul: bool = True     # MatMul of two activations (attention scores)
+    outputs: bool = True               # quantize outputs too (False: int8 inputs, float outputs)
 
     def why_not(self, node: gs.Node) -> str | None:
         """None if `node` may be quantized, else the reason it may not."""
@@ -178,7 +179,8 @@ def _plan_node(model: Model, node: gs.Node, dtypes, selection: Selection, per_ch
         if not already_quantized(model.tensors()[name]):
             plan.weights[name] = axis if plan.weights.get(name, axis) == axis else None
     _plan_bias(model, node, bias, activations, plan)
-    _plan_output(model, node, activations[0], plan)
+    if selection.outputs:
+        _plan_output(model, node, activations[0], plan)
     return None
 
 
