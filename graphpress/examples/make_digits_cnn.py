@@ -16,9 +16,10 @@ Model: the 8x8 images are upsampled to 16x16 (`graphpress.examples.preprocess`) 
 
 trained in plain numpy (`numpy_cnn`: im2col convolutions, batch normalization, AdamW with a cosine learning
 rate) for 12 epochs with a fixed seed. Measured on the 500 held-out images with onnxruntime: top-1 0.986
-(493/500), the same as the numpy network. Training took 517 s wall-clock on a 2-core machine shared with a
-load of 16 (about 2 minutes of CPU time). Float sums in BLAS may differ across machines, so a rerun reproduces
-the architecture, the split and the data exactly and the accuracy closely (the slow test checks >= 0.95).
+(493/500), the same as the numpy network. Training took 517 s wall-clock (about 155 s of CPU time) on a
+2-core machine shared with a load of 16; a rerun gave 549 s wall, 155 s CPU and top-1 0.986 again. Float
+sums in BLAS may differ across machines, so a rerun reproduces the architecture, the split and the data
+exactly and the accuracy closely (the slow test checks >= 0.95).
 
 The ONNX file is written as framework exporters write models (opset 17): BatchNormalization left unfused,
 a Dropout node, the flatten as a Shape->Gather->Unsqueeze->Concat->Reshape subgraph with Constant nodes, a
@@ -95,7 +96,6 @@ def split(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = np.random.default_rng(SEED).permutation(count)
     evaluation, train = np.sort(order[:EVAL_COUNT]), order[EVAL_COUNT:]
     return np.sort(train), np.sort(train[:CALIB_COUNT]), evaluation
-
 
 
 # ---- training --------------------------------------------------------------------------------------
