@@ -131,18 +131,21 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(report["models"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (("seconds", "wall time incl. start-up (s, median)"), ("cpu_seconds", "CPU time, user+sys (s, median)"),
+              ("nodes", "nodes after"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.5))
     width = 0.8 / len(TOOLS)
     for i, tool in enumerate(TOOLS):
         entries = [report["models"][m]["tools"].get(tool, {}) for m in models]
         xs = [j + i * width for j in range(len(models))]
-        axes[0].bar(xs, [e.get("seconds", 0) for e in entries], width, label=tool)
-        axes[1].bar(xs, [e.get("nodes", 0) for e in entries], width, label=tool)
-    for ax, title in zip(axes, ("wall time incl. start-up (s, median)", "nodes after")):
+        for ax, (key, _) in zip(axes, panels):
+            ax.bar(xs, [e.get(key, 0) for e in entries], width, label=tool)
+    for ax, (_, title) in zip(axes, panels):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, rotation=15)
         ax.set_title(title)
-    axes[1].legend()
-    fig.suptitle(f"fold vs onnxslim / onnxsim — {report['machine']}", fontsize=9)
+    axes[-1].legend()
+    load = ", ".join(f"{x:.1f}" for x in report["load_average_at_start"])
+    fig.suptitle(f"fold vs onnxslim / onnxsim: {report['machine']}, load average at start {load}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
