@@ -274,3 +274,13 @@ def test_trial_split_restores_the_graph_exactly():
     with trial_split(model, groups[0], decompose(groups[0].matrix), 2):
         assert ops(model) == ["Gemm", "Gemm"]
     assert model.to_onnx().SerializeToString() == before
+
+
+def test_conv_without_patch_statistics_falls_back_to_plain_svd(caplog):
+    w = low_rank(8, 4 * 9, 2).reshape(8, 4, 3, 3)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER")], [("x", [1, 4, 6, 6])],
+                       ["y"], {"w": w})
+    with caplog.at_level(logging.DEBUG, logger="graphpress.passes"):
+        result, _, stats = split(model, calibration=[ir.random_inputs(model)])
+    assert stats["split"] == 1 and "plain SVD for" in caplog.text and "auto_pad=SAME_UPPER" in caplog.text
+    assert_same_outputs(model, result)
