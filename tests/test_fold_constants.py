@@ -210,3 +210,17 @@ def test_loop_body_is_cleaned_and_the_loop_survives():
     assert ops(folded) == ["Loop"]
     body_ops = [n.op for n in folded.graph.nodes[0].attrs["body"].nodes]
     assert "Constant" not in body_ops and body_ops.count("Identity") == 1  # cond_in -> cond_out must stay
+
+
+def test_a_node_onnxruntime_cannot_evaluate_does_not_stop_the_others():
+    # the dead Reshape cannot run (6 values into 4), so the one-session evaluation fails; node-by-node
+    # evaluation still folds Neg and leaves the Reshape as it was
+    proto = model([helper.make_node("Reshape", ["w", "bad"], ["dead"]), helper.make_node("Neg", ["w"], ["nw"]),
+                   helper.make_node("Add", ["x", "nw"], ["y"])],
+                  [("x", FLOAT, [6])], [("y", FLOAT, [6])], {"w": np.arange(6, dtype=np.float32), "bad": np.int64([4])})
+    m = ir.load(proto)
+    stats = get("fold-constants")().run(m, PassContext()).stats
+    assert stats["folded"] == 1
+    assert ops(m) == ["Add"]  # (the dead Reshape is gone with the clean-up, not folded)
+    x = np.ones(6, np.float32)
+    np.testing.assert_array_equal(ir.run(m, {"x": x})["y"], x - np.arange(6))

@@ -186,20 +186,8 @@ def _evaluate_each(model: Model, nodes: list[gs.Node], ctx: PassContext) -> dict
     for node in nodes:
         if not all(isinstance(t, gs.Constant) or not t.name or t.name in values for t in node.inputs):
             continue
-        single = gs.Node(node.op, node.name, dict(node.attrs),
-                         inputs=[_as_constant(t, values) for t in node.inputs],
-                         outputs=[gs.Variable(t.name) for t in node.outputs], domain=node.domain)
         try:
-            values.update(evaluate(model, [single]))
+            values.update(evaluate(model, [node], known=values))
         except GraphpressError as exc:
             ctx.log.debug("fold-constants: cannot evaluate %s %r: %s", node.op, node.name, exc)
-        finally:
-            single.inputs.clear()
-            single.outputs.clear()
     return values
-
-
-def _as_constant(tensor: gs.Tensor, values: dict[str, np.ndarray]) -> gs.Tensor:
-    if isinstance(tensor, gs.Constant) or not tensor.name:
-        return tensor
-    return gs.Constant(tensor.name, values[tensor.name])

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 
 from ..errors import GraphpressError
@@ -46,20 +47,21 @@ def skeleton(model: Model, max_elements: int = SKELETON_MAX_ELEMENTS) -> onnx.Mo
     return _model_proto(model, proto_graph)
 
 
-def evaluate(model: Model, nodes: Sequence[gs.Node]) -> dict[str, np.ndarray]:
-    """Run `nodes` (in topological order, every input a constant or another of `nodes`' outputs) in one
-    onnxruntime session; returns output name -> value for every output that is a tensor.
-
-    Raises GraphpressError when onnxruntime cannot build or run that model.
+def evaluate(model: Model, nodes: Sequence[gs.Node], known: dict[str, np.ndarray] | None = None
+             ) -> dict[str, np.ndarray]:
+    """Run `nodes` (in topological order, every input a constant, a value in `known` or another of
+    `nodes`' outputs) in one onnxruntime session; returns output name -> value for every output that is
+    a tensor. Raises GraphpressError when onnxruntime cannot build or run that model.
     """
     produced = {t.name for node in nodes for t in node.outputs if t.name}
-    constants = [t for t in _constants_read_by(nodes) if t.name not in produced]
+    initializers = [OnnxExporter.export_tensor_proto(t) for t in _constants_read_by(nodes) if t.name not in produced]
+    needed = {t.name for node in nodes for t in node.inputs if t.name and not isinstance(t, gs.Constant)}
+    initializers += [numpy_helper.from_array(value, name) for name, value in (known or {}).items()
+                     if name in needed and name not in produced]
     proto_graph = onnx.helper.make_graph(
         [OnnxExporter.export_node(node) for node in nodes], "fold", [],
-        [onnx.ValueInfoProto(name=name) for name in sorted(produced)],
-        [OnnxExporter.export_tensor_proto(t) for t in constants])
-    proto = _model_proto(model, proto_graph)
-    sess = session(proto)
+        [onnx.ValueInfoProto(name=name) for name in sorted(produced)], initializers)
+    sess = session(_model_proto(model, proto_graph))
     names = [o.name for o in sess.get_outputs()]
     try:
         values = sess.run(names, {})
