@@ -107,7 +107,7 @@ def _layer_ratios(cg: ChannelGraph, entries) -> dict[int, float]:
         except ValueError:
             ratio = -1.0
         if not sep or not 0 <= ratio < 1:
-            raise GraphpressError(f"prune-channels: layer ratio {entry!r} is not 'node-name:ratio' with ratio in [0, 1)")
+            raise GraphpressError(f"prune-channels: layer ratio {entry!r} is not 'node-name:ratio', ratio in [0, 1)")
         groups = [g.id for g in cg.prunable() if out_spaces.get(name, -1) in g.spaces]
         if not groups:
             raise GraphpressError(f"prune-channels: no prunable layer named {name!r}")

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir import Model
-from .weights import is_sliceable, weight_value
+from .weights import is_sliceable, weight_shape
 
 #: ops whose output 0 has the input 0's channels unchanged, whatever the channel axis
 ELEMENTWISE_UNARY = {
@@ -386,14 +386,11 @@ class _Analyzer:
                 self.freeze_inputs(node, "it resizes by sizes or along channels")
                 return
         if node.op == "InstanceNormalization":
-            rank = self.rank(node.inputs[0]) or 4
+            if not all(is_sliceable(self.model, node.inputs[index]) for index in (1, 2)):
+                self.freeze_inputs(node, "its parameters are not constants")
+                return
             for index in (1, 2):
-                value = self.const(node.inputs[index])
-                if value is None or not is_sliceable(self.model, node.inputs[index]):
-                    self.freeze_inputs(node, "its parameters are not constants")
-                    return
                 self.cg.members.append(Member(node, index, 0, sid, "param"))
-            del rank
         self.same_space(node.outputs[0], sid)
 
     def batchnorm(self, node: gs.Node) -> None:
@@ -499,29 +496,18 @@ class _Analyzer:
             offset += size
         self.cg.fixups.append(Fixup(node, "split", tuple(outs)))
 
-    def slice_(self, node: gs.Node) -> None:
+    def keeps_channels(self, node: gs.Node) -> None:
+        """Slice / Pad: the channels pass through when the channel axis keeps its size."""
         sid = self.space(node.inputs[0])
         if sid is None:
-            self.freeze_inputs(node, "channels enter through slice bounds")
+            self.freeze_inputs(node, f"channels enter through a {node.op} parameter")
             return
         axis = self.cg.spaces[sid].axis
-        if self.dim(node.outputs[0], axis) != self.cg.spaces[sid].size:
-            self.freeze_inputs(node, "it slices the channel axis")
-            return
-        self.same_space(node.outputs[0], sid)
-
-    def pad(self, node: gs.Node) -> None:
-        sid = self.space(node.inputs[0])
-        if sid is None:
-            self.freeze_inputs(node, "channels enter through pads")
-            return
-        axis = self.cg.spaces[sid].axis
-        if self.dim(node.outputs[0], axis) != self.cg.spaces[sid].size:
-            self.freeze_inputs(node, "it pads the channel axis")
-            return
-        if len(node.inputs) > 2 and node.inputs[2].name and self.const(node.inputs[2]) is not None \
-                and self.const(node.inputs[2]).size > 1:
-            self.freeze_inputs(node, "it pads with per-channel values")
+        fill = node.inputs[2] if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name else None
+        fill_value = self.const(fill) if fill is not None else None
+        if self.dim(node.outputs[0], axis) != self.cg.spaces[sid].size or (
+                fill is not None and (fill_value is None or fill_value.size > 1)):
+            self.freeze_inputs(node, f"{node.op} changes the channel axis")
             return
         self.same_space(node.outputs[0], sid)
 
@@ -581,14 +567,14 @@ class _Analyzer:
         if sid is None:
             return
         rank = self.rank(node.inputs[0])
-        default = -1 if node.op != "LayerNormalization" else -1
-        axis = node.attrs.get("axis", default)
         channel_axis = self.cg.spaces[sid].axis
         if rank is None:
             self.freeze_inputs(node, "unknown rank")
             return
-        covers = channel_axis >= axis % rank if node.op == "LayerNormalization" else channel_axis == axis % rank
-        if covers or (self.model.opset < 13 and node.op != "LayerNormalization" and channel_axis >= axis % rank):
+        axis = node.attrs.get("axis", -1 if node.op == "LayerNormalization" or self.model.opset >= 13 else 1) % rank
+        # LayerNormalization, and Softmax before opset 13, work over all axes from `axis` on
+        flattens = node.op == "LayerNormalization" or self.model.opset < 13
+        if channel_axis == axis or (flattens and channel_axis >= axis):
             self.freeze_inputs(node, "it normalizes across the channels")
             return
         self.same_space(node.outputs[0], sid)
@@ -604,7 +590,7 @@ class _Analyzer:
         if in_sid is not None and self.cg.spaces[in_sid].axis != 1:
             self.freeze_inputs(node, "channels are not on axis 1")
             in_sid = None
-        w_shape = weight_value(self.model, weight).shape
+        w_shape = weight_shape(self.model, weight)
         group = node.attrs.get("group", 1)
         c_in = w_shape[1] * group
         if group > 1 and group == c_in:
@@ -649,7 +635,7 @@ class _Analyzer:
         if in_sid is not None and self.cg.spaces[in_sid].axis != 1:
             self.freeze_inputs(node, "channels are not on axis 1")
             in_sid = None
-        w_shape = weight_value(self.model, weight).shape
+        w_shape = weight_shape(self.model, weight)
         if "output_shape" in node.attrs:
             self.freeze_inputs(node, "explicit output_shape")
             return
@@ -670,7 +656,7 @@ class _Analyzer:
         if in_sid is not None and self.cg.spaces[in_sid].axis != (0 if trans_a else 1):
             self.freeze_inputs(node, "channels are not on the contracted axis")
             in_sid = None
-        w_shape = weight_value(self.model, b).shape
+        w_shape = weight_shape(self.model, b)
         n_out = w_shape[0] if trans_b else w_shape[1]
         out_sid = self.cg.new_space(node.outputs[0], 1, n_out, node.name)
         self.cg.roots.add(out_sid)
@@ -685,14 +671,15 @@ class _Analyzer:
     def matmul(self, node: gs.Node) -> None:
         a, b = node.inputs
         in_sid = self.space(a)
-        if self.space(b) is not None or not is_sliceable(self.model, b) or weight_value(self.model, b).ndim != 2:
+        if self.space(b) is not None or not is_sliceable(self.model, b) \
+                or len(weight_shape(self.model, b)) != 2:
             self.freeze_inputs(node, "its weights are not a constant matrix")
             return
         rank = self.rank(a)
         if in_sid is not None and (rank is None or self.cg.spaces[in_sid].axis != rank - 1):
             self.freeze_inputs(node, "channels are not on the contracted axis")
             in_sid = None
-        w_shape = weight_value(self.model, b).shape
+        w_shape = weight_shape(self.model, b)
         out_rank = self.rank(node.outputs[0]) or rank or 2
         out_sid = self.cg.new_space(node.outputs[0], out_rank - 1, w_shape[1], node.name)
         self.cg.roots.add(out_sid)
@@ -706,8 +693,8 @@ _RULES = {
     "BatchNormalization": _Analyzer.batchnorm,
     "Concat": _Analyzer.concat,
     "Split": _Analyzer.split,
-    "Slice": _Analyzer.slice_,
-    "Pad": _Analyzer.pad,
+    "Slice": _Analyzer.keeps_channels,
+    "Pad": _Analyzer.keeps_channels,
     "Transpose": _Analyzer.transpose,
     "Conv": _Analyzer.conv,
     "ConvTranspose": _Analyzer.conv_transpose,

@@ -8,7 +8,9 @@ importance). Scores are only compared within a group.
   layer normalized by its mean so that a large layer does not drown out a small one;
 - `bn`: |gamma| of the BatchNormalization scales in the group (falls back to `l1` for groups without BN);
 - `activation`: data-driven: for every consumer of the channel, E[x_c^2] * ||W[:, c]||^2 on the
-  calibration data, the expected squared contribution of the channel to the consumer's output.
+  calibration data, the expected squared contribution of the channel to the consumer's output;
+- `reconstruction`: data-driven and aware of the re-fit: greedy elimination by the least-squares error
+  the consumers keep after re-fitting (see `obs`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..ir import Model, activation_batches
 from .groups import ChannelGraph, Member
 from .weights import weight_value
 
-CRITERIA = ("l1", "l2", "bn", "activation")
+CRITERIA = ("l1", "l2", "bn", "activation", "reconstruction")
 
 
 def channel_scores(model: Model, cg: ChannelGraph, criterion: str,
@@ -38,7 +40,10 @@ def channel_scores(model: Model, cg: ChannelGraph, criterion: str,
                                   for m in cg.members if m.node.op == "BatchNormalization" and m.input_index == 1])
         return _fallback(cg, scores, magnitude)
     if calibration is None:
-        raise GraphpressError("prune-channels: criterion=activation needs calibration data")
+        raise GraphpressError(f"prune-channels: criterion={criterion} needs calibration data")
+    if criterion == "reconstruction":
+        from .obs import reconstruction_scores
+        return reconstruction_scores(model, cg, calibration)
     return _fallback(cg, _activation(model, cg, calibration), magnitude)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..ir import Model
 from ..ir.cost import node_macs
 from .groups import ChannelGraph, Group
-from .weights import weight_value
+from .weights import weight_shape
 
 
 def kept_count(size: int, ratio: float, round_to: int = 1, blocks: int = 1) -> int:
@@ -84,7 +84,7 @@ class CostModel:
         params: dict[tuple[int, int], tuple[tuple, list]] = {}
         for m in cg.members:
             key = (id(m.node), m.input_index)
-            shape = weight_value(model, m.node.inputs[m.input_index]).shape
+            shape = weight_shape(model, m.node.inputs[m.input_index])
             entry = params.setdefault(key, (shape, []))
             entry[1].append((m.axis, m.space))
         self.params = list(params.values())

@@ -34,9 +34,11 @@ class Normal:
     yy: float = 0.0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.a += x.T @ x
-        self.b += x.T @ y
-        self.yy += float((y * y).sum())
+        """Add one batch of rows (products in float32 for speed, sums in float64)."""
+        x32, y32 = x.astype(np.float32), y.astype(np.float32)
+        self.a += x32.T @ x32
+        self.b += x32.T @ y32
+        self.yy += float(np.sum(y.astype(np.float64) ** 2))
 
     def error(self, theta: np.ndarray) -> float:
         """||Y - X theta||^2 / ||Y||^2 from the accumulated statistics."""
@@ -49,35 +51,69 @@ class Normal:
 
 
 def refit_layers(original: Model, pruned: Model, layers: list[str], calibration: Iterable[dict],
-                 out_masks: dict[str, np.ndarray | None], ridge: float = 1e-2, rows_per_batch: int = 4096,
-                 seed: int = 0) -> list[LayerFit]:
+                 out_masks: dict[str, np.ndarray | None], ridge: float = 1e-2, rows_per_batch: int = 2048,
+                 wave: int = 4, seed: int = 0) -> list[LayerFit]:
     """Re-fit the named layers of `pruned` (in graph order) against `original`'s outputs of the same
-    layers. `out_masks[name]` selects the original output channels the pruned layer still produces."""
-    by_name = {n.name: n for n in pruned.graph.nodes}
+    layers. `out_masks[name]` selects the original output channels the pruned layer still produces.
+
+    Layers are re-fitted in waves of `wave` consecutive layers: one pass over the calibration data per
+    wave (each model cut after the tensors the wave needs), so a wave sees the earlier waves' re-fits.
+    """
+    wanted = set(layers)
+    todo = []
+    for node in pruned.graph.nodes:
+        if node.name not in wanted:
+            continue
+        layer = LAYERS.get(node.op)
+        if layer is None or not layer.supported(pruned, node):
+            log.debug("no re-fit for %s %r: unsupported form", node.op, node.name)
+            continue
+        todo.append((node, layer))
     fits = []
     rng = np.random.default_rng(seed)
-    for name in [n.name for n in pruned.graph.nodes if n.name in set(layers)]:
-        node = by_name[name]
-        layer = _LAYERS.get(node.op)
-        if layer is None or not layer.supported(pruned, node):
-            log.debug("no re-fit for %s %r: unsupported form", node.op, name)
-            continue
+    for start in range(0, len(todo), max(1, wave)):
+        fits.extend(_refit_wave(original, pruned, todo[start:start + wave], calibration, out_masks, ridge,
+                                rows_per_batch, rng))
+    return fits
+
+
+def _refit_wave(original, pruned, todo, calibration, out_masks, ridge, rows_per_batch, rng) -> list[LayerFit]:
+    normals = []
+    for node, layer in todo:
         theta0 = layer.theta(pruned, node)
-        normal = Normal(np.zeros((len(theta0), len(theta0))), np.zeros((len(theta0), theta0.shape[1])))
-        x_name, y_name = node.inputs[0].name, node.outputs[0].name
-        pairs = zip(activation_batches(pruned, [x_name], calibration, progress=f"refit {name[:40]}"),
-                    activation_batches(original, [y_name], calibration))
-        for xs, ys in pairs:
-            x, y = layer.rows(node, xs[x_name], ys[y_name], out_masks.get(name), rng, rows_per_batch)
-            normal.add(x, y)
+        normals.append((theta0, Normal(np.zeros((len(theta0), len(theta0))), np.zeros((len(theta0), theta0.shape[1])))))
+    x_names = [node.inputs[0].name for node, _ in todo]
+    y_names = [node.outputs[0].name for node, _ in todo]
+    label = f"refit {todo[0][0].name[:30]} (+{len(todo) - 1})"
+    pairs = zip(activation_batches(truncated(pruned, x_names), x_names, calibration, progress=label),
+                activation_batches(truncated(original, y_names), y_names, calibration))
+    for xs, ys in pairs:
+        for (node, layer), (_, normal) in zip(todo, normals):
+            x, y = xs[node.inputs[0].name], ys[node.outputs[0].name]
+            pick = _sample(layer.count(node, x), rng, rows_per_batch)
+            targets = layer.targets(y, pick)
+            if out_masks.get(node.name) is not None:
+                targets = targets[:, out_masks[node.name]]
+            normal.add(layer.features(node, x, pick), targets.astype(np.float64))
+    fits = []
+    for (node, layer), (theta0, normal) in zip(todo, normals):
         if normal.yy == 0:
             continue
         theta = normal.solve(theta0, ridge)
         before, after = normal.error(theta0), normal.error(theta)
         if after < before:
             layer.store(pruned, node, theta)
-        fits.append(LayerFit(name, before, min(after, before)))
+        fits.append(LayerFit(node.name, before, min(after, before)))
     return fits
+
+
+def truncated(model: Model, outputs: list[str]) -> Model:
+    """A copy of `model` computing only the named tensors (the rest of the graph removed)."""
+    cut = model.copy()
+    tensors = cut.graph.tensors()
+    cut.graph.outputs = [tensors[name] for name in dict.fromkeys(outputs)]
+    cut.graph.cleanup(remove_unused_graph_inputs=False)
+    return cut
 
 
 def _with_bias(x: np.ndarray, bias: bool) -> np.ndarray:
@@ -111,22 +147,40 @@ class _Conv:
         return np.vstack([theta, np.zeros((1, w.shape[0]))])
 
     @staticmethod
-    def rows(node, x, y, out_mask, rng, limit):
-        kh, kw = node.inputs[1].shape[2:] if node.inputs[1].shape else (1, 1)
+    def block(node: gs.Node) -> int:
+        """Rows of theta per input channel."""
+        return int(np.prod(node.inputs[1].shape[2:]))
+
+    @staticmethod
+    def _geometry(node, x):
+        kh, kw = node.inputs[1].shape[2:]
         strides = node.attrs.get("strides", [1, 1])
         dil = node.attrs.get("dilations", [1, 1])
         pads = _conv_pads(node, x.shape[2:], (kh, kw), strides, dil)
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         eff = ((kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1)
-        n, _, ho, wo = y.shape
-        pick = _sample(n * ho * wo, rng, limit)
-        bn, bh, bw = np.unravel_index(pick, (n, ho, wo))
+        ho = (x.shape[2] + pads[0] + pads[2] - eff[0]) // strides[0] + 1
+        wo = (x.shape[3] + pads[1] + pads[3] - eff[1]) // strides[1] + 1
+        return pads, eff, strides, dil, (x.shape[0], ho, wo)
+
+    @staticmethod
+    def count(node, x) -> int:
+        return int(np.prod(_Conv._geometry(node, x)[4]))
+
+    @staticmethod
+    def features(node, x, pick) -> np.ndarray:
+        """im2col rows (C_in * kh * kw, then 1 for the bias) at the picked output positions."""
+        pads, eff, strides, dil, out = _Conv._geometry(node, x)
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        bn, bh, bw = np.unravel_index(pick, out)
         windows = sliding_window_view(xp, eff, axis=(2, 3))
         patches = windows[bn, :, bh * strides[0], bw * strides[1]][..., ::dil[0], ::dil[1]]
-        targets = y[bn, :, bh, bw]
-        if out_mask is not None:
-            targets = targets[:, out_mask]
-        return _with_bias(patches.reshape(len(pick), -1).astype(np.float64), True), targets.astype(np.float64)
+        return _with_bias(patches.reshape(len(pick), -1).astype(np.float64), True)
+
+    @staticmethod
+    def targets(y, pick) -> np.ndarray:
+        n, c, ho, wo = y.shape
+        bn, bh, bw = np.unravel_index(pick, (n, ho, wo))
+        return y[bn, :, bh, bw]
 
     @staticmethod
     def store(model: Model, node: gs.Node, theta: np.ndarray) -> None:
@@ -177,11 +231,20 @@ class _Gemm:
         return theta
 
     @staticmethod
-    def rows(node, x, y, out_mask, rng, limit):
-        pick = _sample(len(x), rng, limit)
-        targets = y[pick] if out_mask is None else y[pick][:, out_mask]
-        bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-        return _with_bias(x[pick].astype(np.float64), bias), targets.astype(np.float64)
+    def block(node: gs.Node) -> int:
+        return 1
+
+    @staticmethod
+    def count(node, x) -> int:
+        return len(x)
+
+    @staticmethod
+    def features(node, x, pick) -> np.ndarray:
+        return _with_bias(x[pick].astype(np.float64), len(node.inputs) > 2 and bool(node.inputs[2].name))
+
+    @staticmethod
+    def targets(y, pick) -> np.ndarray:
+        return y[pick]
 
     @staticmethod
     def store(model: Model, node: gs.Node, theta: np.ndarray) -> None:
@@ -205,15 +268,25 @@ class _MatMul:
         return model.constant_value(node.inputs[1]).astype(np.float64)
 
     @staticmethod
-    def rows(node, x, y, out_mask, rng, limit):
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        pick = _sample(len(x2), rng, limit)
-        targets = y2[pick] if out_mask is None else y2[pick][:, out_mask]
-        return x2[pick].astype(np.float64), targets.astype(np.float64)
+    def block(node: gs.Node) -> int:
+        return 1
+
+    @staticmethod
+    def count(node, x) -> int:
+        return int(np.prod(x.shape[:-1]))
+
+    @staticmethod
+    def features(node, x, pick) -> np.ndarray:
+        return x.reshape(-1, x.shape[-1])[pick].astype(np.float64)
+
+    @staticmethod
+    def targets(y, pick) -> np.ndarray:
+        return y.reshape(-1, y.shape[-1])[pick]
 
     @staticmethod
     def store(model: Model, node: gs.Node, theta: np.ndarray) -> None:
         replace_constant(model, node, 1, theta.astype(model.constant_value(node.inputs[1]).dtype))
 
 
-_LAYERS = {"Conv": _Conv, "Gemm": _Gemm, "MatMul": _MatMul}
+#: the layer kinds that can be re-fitted, by op type
+LAYERS = {"Conv": _Conv, "Gemm": _Gemm, "MatMul": _MatMul}

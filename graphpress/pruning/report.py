@@ -78,7 +78,8 @@ def build_report(cg: ChannelGraph, costs: CostModel, plan: np.ndarray) -> PruneR
         report.groups.append(GroupReport(
             name=group.name, channels_before=group.size,
             channels_after=int(group.size - plan[group.classes].sum()),
-            macs_before=int(sum(before.layers[i] for i in layers)), macs_after=int(sum(after.layers[i] for i in layers)),
+            macs_before=int(sum(before.layers[i] for i in layers)),
+            macs_after=int(sum(after.layers[i] for i in layers)),
             params_before=int(sum(before.params[i] for i in params)),
             params_after=int(sum(after.params[i] for i in params)),
             tensors=[cg.spaces[s].tensor.name for s in group.spaces], frozen=group.frozen))

@@ -34,7 +34,7 @@ def weight_value(model: Model, tensor: gs.Tensor) -> np.ndarray:
     """The float value of a sliceable parameter (a QDQ weight is dequantized)."""
     value = model.constant_value(tensor)
     if value is not None:
-        return np.asarray(value, dtype=np.float64)
+        return np.asarray(value, dtype=np.float32)
     dq = _dequantize_node(tensor)
     x = model.constant_value(dq.inputs[0]).astype(np.float64)
     scale = model.constant_value(dq.inputs[1]).astype(np.float64)
@@ -46,6 +46,14 @@ def weight_value(model: Model, tensor: gs.Tensor) -> np.ndarray:
         shape[axis] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return (x - zero) * scale
+
+
+def weight_shape(model: Model, tensor: gs.Tensor) -> tuple[int, ...]:
+    """The shape of a sliceable parameter, without materializing a float copy."""
+    value = model.constant_value(tensor)
+    if value is None:
+        value = model.constant_value(_dequantize_node(tensor).inputs[0])
+    return tuple(value.shape)
 
 
 def take(value: np.ndarray, cuts: list[tuple[int, np.ndarray]]) -> np.ndarray:

@@ -1,0 +1,128 @@
+"""prune-channels on the real models: metric vs MACs kept, with and without reconstruction, ORT latency.
+
+For ResNet-8 (CIFAR-10 top-1 on 2000 test images), MobileNetV2 (ImageNet-sample top-1 on 1000 images)
+and the MNIST LeNet (accuracy on 10000 digits), every MACs target is pruned three ways in one process:
+- `l1`: group L1 magnitude, no reconstruction. This is Torch-Pruning's default (MagnitudeImportance over
+  DepGraph groups), the peer a user would reach for; Torch-Pruning itself only takes PyTorch modules,
+  so it is reproduced here on the same dependency groups.
+- `l1+refit`: the same channels, consumers re-fitted by least squares on calibration data;
+- `reconstruction+refit`: channels chosen by the re-fit-aware greedy criterion, then re-fitted.
+Calibration: benchmarks/realdata.py's split (100 samples: every 20th CIFAR image from index 1, every 10th
+ImageNet image from index 5, every 100th MNIST digit from index 3); the metric is on all samples.
+Latency: onnxruntime, all graph optimizations, one thread, batch 1, median of interleaved rounds of the
+original and the pruned model.
+
+    .venv/bin/python -m benchmarks.bench_prune [--models resnet8,lenet] [--quick]
+
+Each model writes benchmarks/results/prune_<key>.json (models can run in parallel processes); the combined
+benchmarks/results/prune.json and prune.png are written from whatever per-model files exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchmarks import realdata
+from benchmarks.bench_svd import latency_ms
+from graphpress import ir
+from graphpress.ir.cost import macs
+from graphpress.passes import PassContext, PassManager
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = {
+    "l1": "criterion=l1,reconstruct=false",
+    "l1+refit": "criterion=l1",
+    "reconstruction+refit": "criterion=reconstruction",
+}
+CASES = {
+    "resnet8": {"targets": [0.9, 0.8, 0.7, 0.6], "calibration": (100, 10)},
+    "mobilenet_v2": {"targets": [0.95, 0.9, 0.8, 0.7], "calibration": (100, 10)},
+    "lenet": {"targets": [0.8, 0.6, 0.4, 0.2], "calibration": (100, 25)},
+}
+#: the issue's goals: at this share of the MACs, within this many points of the float metric
+GOALS = {"resnet8": (0.7, 0.015), "mobilenet_v2": (0.8, 0.02)}
+
+
+def run_case(key: str, quick: bool) -> dict:
+    case = CASES[key]
+    base = ir.load(realdata.model_path(key))
+    count, batch = case["calibration"]
+    calibration = realdata.calibration_batches(key, count // 2 if quick else count, batch)
+    limit = 300 if quick else None
+    feed = realdata.calibration_batches(key, 1, 1)[0]
+    base_macs = macs(base).total
+    result = {"model": realdata.MODELS[key].file, "metric_name": realdata.MODELS[key].metric,
+              "float_metric": realdata.evaluate(key, base, limit=limit), "macs": base_macs,
+              "params": base.parameter_count(), "calibration_samples": len(calibration) * batch,
+              "evaluated_samples": limit or "all", "runs": []}
+    for target in case["targets"]:
+        for method, options in METHODS.items():
+            ctx = PassContext(calibration=calibration)
+            start = time.perf_counter()
+            pruned = PassManager(f"prune-channels(target-macs={target},{options})").run(base.copy(), ctx)
+            seconds = time.perf_counter() - start
+            metric = realdata.evaluate(key, pruned, limit=limit)
+            original_ms, pruned_ms = latency_ms([base.to_onnx(), pruned.to_onnx()], feed)
+            run = {"target_macs": target, "method": method,
+                   "pipeline": f"prune-channels(target-macs={target},{options})",
+                   "macs_kept": macs(pruned).total / base_macs,
+                   "params_kept": pruned.parameter_count() / result["params"],
+                   "metric": metric, "metric_drop_points": 100 * (result["float_metric"] - metric),
+                   "prune_seconds": seconds, "latency_ms": pruned_ms, "original_latency_ms": original_ms,
+                   "speedup": original_ms / pruned_ms}
+            print(json.dumps({"model": key, **run}), flush=True)
+            result["runs"].append(run)
+    if key in GOALS:
+        share, points = GOALS[key]
+        best = max((r for r in result["runs"] if r["target_macs"] == share), key=lambda r: r["metric"])
+        result["goal"] = {"macs_kept": share, "max_drop_points": 100 * points, "best_method": best["method"],
+                          "best_drop_points": best["metric_drop_points"],
+                          "met": best["metric_drop_points"] <= 100 * points}
+    return result
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (key, result) in zip(axes[0], results.items()):
+        for method in METHODS:
+            runs = sorted((r for r in result["runs"] if r["method"] == method), key=lambda r: r["macs_kept"])
+            ax.plot([r["macs_kept"] for r in runs], [r["metric"] for r in runs], marker="o", label=method)
+        ax.axhline(result["float_metric"], color="gray", linestyle="--", label="float")
+        if key in GOALS:
+            share, points = GOALS[key]
+            ax.plot([share], [result["float_metric"] - points], marker="*", color="red", markersize=12, label="goal")
+        ax.set_title(f"{key}: {result['metric_name']} vs MACs kept")
+        ax.set_xlabel("share of MACs kept")
+        ax.set_ylabel(result["metric_name"])
+        ax.legend(fontsize=8)
+    fig.suptitle(f"prune-channels, no retraining ({realdata.machine()})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(CASES))
+    parser.add_argument("--quick", action="store_true", help="half the calibration data, 300 evaluation samples")
+    args = parser.parse_args()
+    if not realdata.available():
+        raise SystemExit(realdata.skip_reason())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for key in args.models.split(","):
+        result = {"machine": realdata.machine(), **run_case(key, args.quick)}
+        (RESULTS / f"prune_{key}.json").write_text(json.dumps(result, indent=1))
+    combined = {key: json.loads((RESULTS / f"prune_{key}.json").read_text())
+                for key in CASES if (RESULTS / f"prune_{key}.json").exists()}
+    (RESULTS / "prune.json").write_text(json.dumps(combined, indent=1))
+    plot(combined, RESULTS / "prune.png")
+
+
+if __name__ == "__main__":
+    main()

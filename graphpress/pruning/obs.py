@@ -1,0 +1,176 @@
+"""Data-driven channel selection that knows the consumers will be re-fitted (`criterion=reconstruction`).
+
+For a consumer layer with input rows X (im2col for a Conv, plus a ones column for the bias) and weights
+theta, the original output is Y = X theta. If the rows R of a channel are removed and theta is re-fitted
+by least squares, the output error grows by exactly
+
+    delta(R) = tr(theta_R^T [(A^-1)_RR]^-1 theta_R),     A = X^T X
+
+(the Optimal Brain Surgeon step on the least-squares problem). A group's channels are eliminated
+greedily: the channel whose removal costs least (summed over the group's consumers, each relative to its
+output energy) goes first, then theta and A^-1 are updated as if it were gone, and so on. A channel's
+score is its place in that order, so `select` removes the first ones eliminated. A consumer whose input
+is too wide for a dense A (more than MAX_DIM rows) uses the diagonal of A, which is the `activation`
+criterion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from ..ir import Model, activation_batches
+from .groups import ChannelGraph, Group, Member
+from .reconstruct import LAYERS
+
+#: widest consumer input (rows of theta) handled with a dense inverse
+MAX_DIM = 4096
+#: share of a group's channels ordered (the rest keep the highest scores)
+MAX_SHARE = 0.95
+#: rows sampled per calibration batch and consumer
+ROWS_PER_BATCH = 2048
+#: ridge added to A, relative to its mean diagonal
+RIDGE = 1e-3
+
+
+@dataclass
+class _Consumer:
+    """One consumer's least-squares state during a group's elimination."""
+
+    member: Member
+    ainv: np.ndarray      # (D, D) inverse of A + ridge, or its diagonal (D,) when D > MAX_DIM
+    theta: np.ndarray     # (D, outputs), the weights re-fitted for the channels removed so far
+    channels: np.ndarray  # (n,) channel ids read by this consumer
+    index: np.ndarray     # (n, b) rows of theta owned by each channel
+    scale: float          # 1 / output energy, so consumers compare
+    alive: np.ndarray = None
+
+    def __post_init__(self):
+        self.alive = np.ones(len(self.channels), dtype=bool)
+
+    def for_group(self, group: Group) -> "_Consumer":
+        """A fresh copy restricted to the channels of `group` (others stay, never removed)."""
+        mine = np.isin(self.channels, group.classes)
+        return _Consumer(self.member, self.ainv.copy(), self.theta.copy(), self.channels[mine],
+                         self.index[mine], self.scale)
+
+    def deltas(self) -> tuple[np.ndarray, np.ndarray]:
+        """(channel ids still present, the output error each one's removal would add)."""
+        idx = self.index[self.alive]
+        t = self.theta[idx]                                  # (n, b, out)
+        if self.ainv.ndim == 1:
+            values = np.sum(t * t / np.maximum(self.ainv[idx], 1e-30)[..., None], axis=(1, 2))
+        else:
+            blocks = self.ainv[idx[:, :, None], idx[:, None, :]]   # (n, b, b)
+            blocks = blocks + 1e-30 * np.eye(idx.shape[1])
+            values = np.sum(t * np.linalg.solve(blocks, t), axis=(1, 2))
+        return self.channels[self.alive], values * self.scale
+
+    def remove(self, channel: int) -> None:
+        hit = np.flatnonzero((self.channels == channel) & self.alive)
+        if not len(hit):
+            return
+        self.alive[hit] = False
+        r = self.index[hit].ravel()
+        if self.ainv.ndim == 2:
+            cols = self.ainv[:, r]
+            inverse = np.linalg.inv(self.ainv[np.ix_(r, r)] + 1e-30 * np.eye(len(r)))
+            self.theta -= cols @ (inverse @ self.theta[r])
+            self.ainv -= cols @ inverse @ cols.T
+            self.ainv[r, :] = 0
+            self.ainv[:, r] = 0
+        self.theta[r] = 0
+
+
+def reconstruction_scores(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> np.ndarray:
+    """A score per channel id: its rank in the greedy elimination order of its group (low = first)."""
+    consumers = _consumers(model, cg, calibration)
+    scores = np.zeros(cg.total)
+    for group in cg.prunable():
+        mine = [c.for_group(group) for c in consumers if c.member.space in group.spaces]
+        scores[group.classes] = _elimination_rank(group, mine)
+    return scores
+
+
+def _elimination_rank(group: Group, consumers: list[_Consumer]) -> np.ndarray:
+    channels = group.classes
+    rank = np.full(len(channels), float(len(channels)))
+    if not consumers:
+        return rank
+    position = {int(c): i for i, c in enumerate(channels)}
+    removed = np.zeros(len(channels), dtype=bool)
+    for step in range(int(len(channels) * MAX_SHARE) + 1):
+        cost = _group_costs(consumers, position, len(channels))
+        cost[removed] = np.inf
+        if step == int(len(channels) * MAX_SHARE):
+            # the channels never eliminated keep their order by the last costs
+            rest = np.flatnonzero(~removed)
+            rank[rest[np.argsort(cost[rest], kind="stable")]] = step + np.arange(len(rest))
+            break
+        chosen = int(np.argmin(cost))
+        removed[chosen] = True
+        rank[chosen] = step
+        for consumer in consumers:
+            consumer.remove(int(channels[chosen]))
+    return rank
+
+
+def _group_costs(consumers: list[_Consumer], position: dict[int, int], size: int) -> np.ndarray:
+    cost = np.zeros(size)
+    for consumer in consumers:
+        ids, values = consumer.deltas()
+        np.add.at(cost, [position[int(c)] for c in ids], values)
+    return cost
+
+
+def _consumers(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> list[_Consumer]:
+    """Every re-fittable consumer of a prunable group, with A^-1 from the calibration data."""
+    prunable_spaces = {s for g in cg.prunable() for s in g.spaces}
+    members = []
+    for m in cg.members:
+        layer = LAYERS.get(m.node.op)
+        if m.role == "in" and m.space in prunable_spaces and layer is not None and layer.supported(model, m.node):
+            members.append(m)
+    if not members:
+        return []
+    thetas = {id(m): LAYERS[m.node.op].theta(model, m.node) for m in members}
+    dense = {id(m) for m in members if len(thetas[id(m)]) <= MAX_DIM}
+    grams = {id(m): np.zeros((len(thetas[id(m)]),) * (2 if id(m) in dense else 1)) for m in members}
+    names = list(dict.fromkeys(m.node.inputs[0].name for m in members))
+    rng = np.random.default_rng(0)
+    for values in activation_batches(model, names, calibration, progress="channel selection"):
+        for m in members:
+            layer, x = LAYERS[m.node.op], values[m.node.inputs[0].name]
+            pick = np.sort(rng.choice(layer.count(m.node, x), size=min(ROWS_PER_BATCH, layer.count(m.node, x)),
+                                      replace=False))
+            rows = layer.features(m.node, x, pick).astype(np.float32)
+            grams[id(m)] += rows.T @ rows if id(m) in dense else (rows * rows).sum(axis=0)
+    result = []
+    for m in members:
+        theta, gram = thetas[id(m)], grams[id(m)]
+        diag = gram if gram.ndim == 1 else np.diag(gram)
+        ridge = RIDGE * max(diag.mean(), 1e-12)
+        ainv = 1.0 / (diag + ridge) if gram.ndim == 1 else np.linalg.inv(gram + ridge * np.eye(len(gram)))
+        energy = float(np.sum(theta * ((gram @ theta) if gram.ndim == 2 else diag[:, None] * theta)))
+        ids, rows = _rows_by_channel(cg, m)
+        if ids is None:
+            continue
+        result.append(_Consumer(m, ainv, theta.copy(), ids, rows, 1.0 / max(energy, 1e-30)))
+    return result
+
+
+def _rows_by_channel(cg: ChannelGraph, member: Member) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(channel ids, rows of the consumer's theta owned by each), one row of indices per channel."""
+    space = cg.spaces[member.space]
+    block = LAYERS[member.node.op].block(member.node)
+    channel_of = cg.channel_of[space.start:space.start + space.size]
+    order = np.argsort(channel_of, kind="stable")
+    ids, counts = np.unique(channel_of, return_counts=True)
+    if len(set(counts.tolist())) != 1:
+        return None, None  # channels own different numbers of positions: no block structure
+    per_channel = int(counts[0])
+    positions = order.reshape(len(ids), per_channel)        # every channel owns the same number of positions
+    rows = (positions[:, :, None] * block + np.arange(block)).reshape(len(ids), -1)
+    return ids, rows
