@@ -112,7 +112,7 @@ def _cast(node: gs.Node) -> str:
 def _reshape(node: gs.Node) -> str:
     shape = node.inputs[0].shape
     target = Model.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    if shape is None or target is None or len(target) != len(shape):
+    if shape is None or target is None or target.ndim != 1 or len(target) != len(shape):
         return "shapes unknown or ranks differ"
     allowzero = node.attrs.get("allowzero", 0)
     matched = [(t == 0 and not allowzero) or (isinstance(d, int) and t == d) for t, d in zip(target.tolist(), shape)]
@@ -128,7 +128,7 @@ def _transpose(node: gs.Node) -> str:
 def _expand(node: gs.Node) -> str:
     shape = node.inputs[0].shape
     target = Model.constant_value(node.inputs[1])
-    if shape is None or target is None or len(target) > len(shape):
+    if shape is None or target is None or target.ndim != 1 or len(target) > len(shape):
         return "shapes unknown or Expand adds dims"
     tail = shape[len(shape) - len(target):]
     return "" if all(t == 1 or (isinstance(d, int) and t == d) for t, d in zip(target.tolist(), tail)) \
