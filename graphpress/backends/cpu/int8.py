@@ -20,8 +20,10 @@ element-wise, so FuseOps puts them into the convolution's epilogue: the requanti
 (scale, round half to even, zero point, saturate) runs per register tile in float32, as
 onnxruntime's QLinearConv does, and only int8 tensors travel between layers.
 
-Applied only where the weight is a constant with zero zero-point (symmetric, per tensor or per output
-channel) and the activation has one scale and zero point; anything else stays float, logged at debug.
+Applied to matmuls and to convolutions with an even number of input channels per group of 1 (see
+`_has_integer_kernel`), where the weight is a constant with zero zero-point (symmetric, per tensor or
+per output channel) and the activation has one scale and zero point; anything else stays float
+(ONNX's float semantics on the dequantized values), logged at debug.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def _dequantized(mutator, expr) -> _Operand | None:
 class _IntegerRewriter(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op not in (_CONV2D, _MATMUL) or str(call.ty.dtype) != "float32":
+        if call.op not in (_CONV2D, _MATMUL) or str(call.ty.dtype) != "float32" or not _has_integer_kernel(call):
             return call
         a, b = (_dequantized(self, arg) for arg in call.args[:2])
         if a is None or b is None:
@@ -113,6 +115,17 @@ class _IntegerRewriter(relax.PyExprMutator):
         else:
             acc = relax.op.matmul(a.as_int16(), b.as_int16(), out_dtype="int32")
         return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+
+
+def _has_integer_kernel(call) -> bool:
+    """Matmuls, and convolutions that reduce over an even number of channels (`pairs` packs them two
+    by two for `vpmaddwd`). Depthwise and odd-channel convolutions stay float (on the dequantized
+    int8 input, loaded and converted inside the kernel): as int32 products they would need
+    `vpmulld`, slower than float FMA."""
+    if call.op == _MATMUL:
+        return True
+    weight = call.args[1].ty.shape.values
+    return int(call.attrs.groups) == 1 and int(weight[1]) % 2 == 0 and call.attrs.kernel_layout == "OIHW"
 
 
 def _output_scale(call, a: _Operand, b: _Operand) -> np.ndarray | None:
@@ -155,7 +168,10 @@ class _ElementwiseQDQ(relax.PyExprMutator):
             return relax.op.multiply(relax.op.subtract(relax.op.astype(call.args[0], "float32"), zero), scale)
         dtype = str(call.attrs.out_dtype)
         info = np.iinfo(dtype)
-        rounded = relax.op.add(relax.op.round(relax.op.divide(call.args[0], scale)), zero)
+        # x * (1/s) instead of x / s: a division per element costs more than the whole convolution
+        # epilogue otherwise; the two differ only where x / s lands exactly between two integers
+        reciprocal = relax.const(np.float32(1) / scale.value.numpy(), "float32")
+        rounded = relax.op.add(relax.op.round(relax.op.multiply(call.args[0], reciprocal)), zero)
         low, high = (relax.const(float(v), "float32") for v in (info.min, info.max))
         # maximum/minimum rather than R.clip: ConvertLayout has no layout rule for clip
         return relax.op.astype(relax.op.minimum(relax.op.maximum(rounded, low), high), dtype)
