@@ -8,6 +8,7 @@ reference (graph optimizations off, float arithmetic on the dequantized values).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,15 +62,21 @@ def output_step(model: onnx.ModelProto) -> float:
 
 
 def integer_kernels(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Names of the fused conv/matmul functions after `prepare`: (with int16 inputs, float ones)."""
+    """Names of the fused conv/matmul functions after `prepare`: (integer ones, float ones).
+
+    Integer convolutions are the channel-pair `conv2d_pairs` kernels; integer matmuls take int16.
+    """
     specs, _ = input_specs(model, None, "test")
     target = targets.resolve("x86").tvm_target()
     prepared = pipeline.prepare(import_relax(model, specs, "test"), target)
     integer, floating = [], []
     for gvar, func in prepared.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and ("conv2d" in gvar.name_hint or "matmul" in gvar.name_hint):
+        name = gvar.name_hint
+        if isinstance(func, tvm.tirx.PrimFunc) and ("conv2d" in name or "matmul" in name):
             signature = next(line for line in func.script().splitlines() if "def main(" in line)
-            (integer if '"int16"' in signature else floating).append(gvar.name_hint)
+            first_dtype = re.search(r'"(\w+)"\)', signature).group(1)
+            is_integer = "conv2d_pairs" in name or ("matmul" in name and first_dtype == "int16")
+            (integer if is_integer else floating).append(name)
     assert "dequantize" not in str(prepared) and "quantize(" not in str(prepared)
     return integer, floating
 
@@ -112,7 +119,7 @@ def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path):
     calibration = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
     qdq = quantize_static(model, calibration, tmp_path)
     integer, floating = integer_kernels(qdq)
-    assert len(integer) == 4 and not floating  # every Conv became int16 x int16 -> int32
+    assert len(integer) == 3 and len(floating) == 1  # the depthwise conv stays float (no channel pairs)
     feeds = {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}
     assert assert_int8_matches(qdq, feeds) >= 0.99  # ties in the requantization rounding are the only differences
     got, rules = lower_and_run(qdq, feeds)
@@ -151,5 +158,5 @@ def test_resnet8_qdq_matches_onnxruntime(tmp_path):
     calibration = [{"input_1": RNG.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)} for _ in range(8)]
     qdq = quantize_static(model, calibration, tmp_path)
     integer, floating = integer_kernels(qdq)
-    assert len(integer) == 10 and not floating  # 9 convolutions and the dense layer
+    assert len(integer) == 9 and len(floating) == 1  # 8 convolutions and the dense layer; the 3-channel one is float
     assert_int8_matches(qdq, {"input_1": RNG.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)})
