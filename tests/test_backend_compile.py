@@ -13,8 +13,8 @@ from graphpress import runtime
 from graphpress.backends import compile
 from graphpress.backends.timing import sample_inputs
 from graphpress.errors import BackendError, ModelLoadError
-from test_backend_models import (assert_close, conv_net, onnxruntime_outputs, real_model, two_output_net,
-                                 unsupported_op_net)
+from test_backend_models import (assert_close, conv_net, onnxruntime_outputs, real_model,
+                                 scalar_constant_of_shape_net, two_output_net, unsupported_op_net)
 
 
 def test_conv_net_matches_onnxruntime_and_binds_batch_to_one(tmp_path):
@@ -48,6 +48,15 @@ def test_int_input_and_two_outputs(tmp_path):
     got = loaded.run({"ids": ids})
     assert list(got) == ["ln", "mean"]
     assert_close(got, onnxruntime_outputs(model, {"ids": ids}))
+
+
+def test_scalar_constant_of_shape_imports_and_the_given_model_is_not_modified(tmp_path):
+    model = scalar_constant_of_shape_net()
+    before = model.SerializeToString()
+    loaded = runtime.load(compile(model, "x86", tmp_path / "cos", progress=False))
+    assert model.SerializeToString() == before
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert_close(loaded.run({"x": x}), onnxruntime_outputs(model, {"x": x}))
 
 
 def test_unsupported_op_names_op_node_and_onnxruntime(tmp_path):

@@ -88,3 +88,15 @@ def assert_close(actual: dict, expected: dict, rtol: float = RTOL) -> None:
         scale = max(float(np.abs(want).max()), 1e-6)
         error = float(np.abs(got.astype(np.float64) - want).max()) / scale
         assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
+
+
+def scalar_constant_of_shape_net() -> onnx.ModelProto:
+    """y = x * ConstantOfShape(shape=[]) : a scalar made from an empty shape, as exported BERT masks do."""
+    empty = numpy_helper.from_array(np.zeros(0, np.int64), "empty_shape")
+    nodes = [helper.make_node("Constant", [], ["shape"], name="shape_const", value=empty),
+             helper.make_node("ConstantOfShape", ["shape"], ["two"], name="scalar_two",
+                              value=numpy_helper.from_array(np.array([2.0], np.float32))),
+             helper.make_node("Mul", ["x", "two"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "scalar_cos", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from tqdm import tqdm
 
 from ..errors import BackendError, GraphpressError
@@ -184,6 +185,7 @@ def import_relax(proto: onnx.ModelProto, inputs: list[TensorSpec], where: str):
         more = f" and {len(missing) - 1} more node(s)" if len(missing) > 1 else ""
         raise BackendError(f"{where}: TVM 0.27 cannot import op {op} (node {name!r}{more}; unsupported ops: "
                            f"{', '.join(ops)}); {ORT_HINT}")
+    proto = _constant_shapes_folded(proto)
     importer = _importer_class()(shape_dict={t.name: t.shape for t in inputs},
                                dtype_dict={t.name: t.dtype for t in inputs}, keep_params_in_input=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -194,6 +196,30 @@ def import_relax(proto: onnx.ModelProto, inputs: list[TensorSpec], where: str):
         raise
     except Exception as exc:  # the importer raises whatever its converters raise
         raise BackendError(f"{where}: TVM could not import the model ({summarize(exc)}); {ORT_HINT}") from exc
+
+
+def _constant_shapes_folded(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` with every ConstantOfShape whose shape is a constant replaced by a Constant.
+
+    Works around TVM 0.27's importer, which fails on ConstantOfShape with an empty shape (a scalar
+    output, as in exported BERT-style attention masks): it broadcasts the 1-element `value` to rank 0.
+    """
+    constants = {t.name: t for t in proto.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
+                      if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    targets = [i for i, n in enumerate(proto.graph.node) if n.op_type == "ConstantOfShape" and n.input[0] in constants]
+    if not targets:
+        return proto
+    folded = onnx.ModelProto()
+    folded.CopyFrom(proto)
+    for i in targets:
+        node = folded.graph.node[i]
+        shape = onnx.numpy_helper.to_array(constants[node.input[0]]).astype(np.int64)
+        value = next((onnx.numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"),
+                     np.zeros(1, np.float32))
+        tensor = onnx.numpy_helper.from_array(np.full(tuple(shape), value.reshape(()), value.dtype), node.output[0])
+        folded.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=tensor))
+    return folded
 
 
 @functools.lru_cache(maxsize=1)
