@@ -152,6 +152,21 @@ def test_batched_matmul_layernorm_softmax_match_onnxruntime():
     assert None not in rules.values(), rules
 
 
+def test_long_reduction_matmul_splits_the_reduction():
+    """128 rows x K=1536 (MiniLM's FFN) overflows L2: the reduction is blocked, the epilogue separate."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    model = make_model(nodes, [tensor("x", 1, 128, 1536)], [tensor("y", 1, 128, 48)],
+                       [weight("w", 1536, 48, scale=0.05), weight("b", 48)])
+    x = RNG.standard_normal((1, 128, 1536)).astype(np.float32)
+    rules = assert_matches_onnxruntime(model, {"x": x})
+    assert list(rules.values()) == ["TiledReduction"]
+    specs, _ = input_specs(model, None, "test")
+    target = targets.resolve("x86").tvm_target()
+    script = pipeline.lower(import_relax(model, specs, "test"), target).script()
+    assert "T.int64(256)" in script  # the reduction block length
+
+
 def test_aarch64_target_lowers_with_neon_vectors():
     """Schedules are parameterized by the target: NEON (4 lanes) lowers and builds for aarch64."""
     from tvm import relax

@@ -26,6 +26,7 @@ from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
+from .injective import schedule_injective
 from .common import consumer_chain, const_extent, divisor_at_most, innermost_index, is_var, parallelize
 
 
@@ -46,7 +47,11 @@ class TiledReduction(CPUScheduleRule):
         dtype = str(sch.get(main).writes[0].source.dtype)
         unit = vector_unit(target)
         try_inline(sch, [b for b in infos if b is not reductions[0]])
-        tile_reduction(sch, main, unit.lanes(dtype), unit.accumulators)
+        depth = _reduction_block_depth(sch, main, dtype)
+        if depth:
+            tile_reduction_blocked(sch, main, unit.lanes(dtype), unit.accumulators, depth)
+        else:
+            tile_reduction(sch, main, unit.lanes(dtype), unit.accumulators)
         return sch
 
 
@@ -99,16 +104,67 @@ def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int, in
     _vectorize_tile(sch, local)
     if p_in is not None:
         sch.unroll(p_in)
-    if intrinsic:
-        c_vectors, c_lanes = sch.split(c_in, [None, lanes])
-        sch.unroll(c_vectors)
-    else:
-        sch.vectorize(c_in)
+    c_lanes = _vectorize_channels(sch, c_in, vec, lanes, vectorize=not intrinsic)
     parallelize(sch, [*outer, c_out, p_out] if rows_axis is not None else [c_out, p_out], work)
     init = sch.decompose_reduction(block, outer_reduce[0])  # the init copies the unrolled tile loops
     if intrinsic:
         _vectorize_tile(sch, init)
         sch.tensorize(c_lanes, intrinsic)
+
+
+#: the streamed operand (output pixels x innermost reduction) should stay in this much cache (L2)
+CACHE_BYTES = 512 * 1024
+#: innermost-reduction block length when the reduction is split
+REDUCTION_BLOCK = 256
+
+
+def _reduction_block_depth(sch: s_tir.Schedule, block, dtype: str) -> int:
+    """The innermost reduction loop's block length when its operand rows overflow the cache, else 0.
+
+    The register tile sweeps all output channels for every block of rows, re-reading the rows'
+    whole reduction extent each time: with pixels x K too large for L2 (MiniLM's FFN: 128 x 1536
+    floats) that is a stream from L3 per channel block. Splitting K makes each pass cache-resident.
+    """
+    import numpy as np
+
+    iters = sch.get(block).iter_vars
+    spatial = [int(iv.dom.extent) for iv in iters if iv.iter_type == tirx.IterVar.DataPar]
+    inner = int(iters[-1].dom.extent)
+    pixels = int(np.prod(spatial[:-1])) if len(spatial) > 1 else 1
+    if inner < 2 * REDUCTION_BLOCK or pixels * inner * np.dtype(dtype).itemsize <= CACHE_BYTES:
+        return 0
+    depth = divisor_at_most(inner, REDUCTION_BLOCK)
+    return depth if depth >= REDUCTION_BLOCK // 4 else 0
+
+
+def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators: int, depth: int) -> None:
+    """`tile_reduction` with the innermost reduction split in blocks of `depth`, the outermost loop.
+
+    The accumulators then live in the output buffer across reduction blocks (LLVM keeps a tile in
+    registers within one block), and the epilogue runs as its own vectorized loop nest afterwards.
+    """
+    iters = sch.get(block).iter_vars
+    loops = sch.get_loops(block)
+    n_spatial = sum(1 for iv in iters if iv.iter_type == tirx.IterVar.DataPar)
+    spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    extents = [int(iv.dom.extent) for iv in iters[:n_spatial]]
+    work = 1
+    for iv in iters:
+        work *= int(iv.dom.extent)
+    k_out, k_in = sch.split(reduce[-1], [None, depth])
+    rows_axis, outer = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators)
+    vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators)
+    c_out, c_in = sch.split(spatial[-1], [None, vec])
+    p_out, p_in = sch.split(rows_axis, [None, rows])
+    sch.reorder(*outer, k_out, c_out, p_out, *reduce[:-1], k_in, p_in, c_in)
+    epilogue = consumer_chain(sch, block)
+    sch.unroll(p_in)
+    _vectorize_channels(sch, c_in, vec, lanes)
+    parallelize(sch, [c_out, p_out], work)
+    init = sch.decompose_reduction(block, k_out)
+    _vectorize_tile(sch, init)
+    for ep in epilogue:
+        schedule_injective(sch, ep, lanes)
 
 
 def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators):
@@ -141,11 +197,11 @@ def _extent(sch, loop) -> int:
 def register_tile(channels: int, pixels: int, lanes: int, accumulators: int) -> tuple[int, int]:
     """(output channels, output pixels) of one register tile.
 
-    Channels come in whole vectors that divide the channel count (one or two vectors; a plain
+    Channels come in whole vectors that divide the channel count (one to three vectors; a plain
     divisor when no vector divides it), pixels as a divisor of the pixel count; among those the
     tile with the most accumulator vectors that fit the registers wins (ties: wider channels).
     """
-    candidates = [v for v in (2 * lanes, lanes) if channels % v == 0] or [divisor_at_most(channels, 2 * lanes)]
+    candidates = [v for v in (3 * lanes, 2 * lanes, lanes) if channels % v == 0] or [divisor_at_most(channels, 2 * lanes)]
     best = None
     for vec in candidates:
         vectors = -(-vec // lanes)
@@ -154,6 +210,22 @@ def register_tile(channels: int, pixels: int, lanes: int, accumulators: int) -> 
         if best is None or score > best[0]:
             best = (score, (vec, rows))
     return best[1]
+
+
+def _vectorize_channels(sch: s_tir.Schedule, c_in, vec: int, lanes: int, vectorize: bool = True):
+    """Split a tile's `vec` channels into machine vectors (unrolled); return the lanes loop.
+
+    One vectorized loop of several registers' width would be legal too, but LLVM then spills.
+    """
+    if vec % lanes or vec == lanes:
+        if vectorize:
+            sch.vectorize(c_in)
+        return c_in
+    c_vectors, c_lanes = sch.split(c_in, [None, lanes])
+    sch.unroll(c_vectors)
+    if vectorize:
+        sch.vectorize(c_lanes)
+    return c_lanes
 
 
 def _vectorize_tile(sch: s_tir.Schedule, block) -> None:
