@@ -410,3 +410,19 @@ def test_reconstruction_criterion_finds_the_channel_the_refit_can_replace():
     removed = [i for i in range(8) if not any(np.array_equal(w[i], k) for k in kept)]
     assert removed in ([2], [6])
     assert ir.compare(model, pruned, calibration(1)[0]).within(rtol=1e-4, atol=1e-4)
+
+
+def test_sensitivity_scan_with_refits_sees_the_redundant_channel_as_free():
+    """With the re-fit-aware criterion, the scan runs consumers with their re-fitted weights: removing
+    the redundant channel of `redundant_model` then costs (almost) nothing."""
+    from graphpress.pruning.obs import eliminate
+    from graphpress.pruning.sensitivity import scan, steps_for
+
+    model = redundant_model()
+    cg = analyze(model, tensor_shapes(ir.infer_shapes(model)))
+    steps = steps_for(cg)
+    scores, refits = eliminate(model, cg, calibration(), steps)
+    group = cg.prunable()[0]
+    with_refit = scan(model, cg, scores, calibration(), steps=(0.125,), refits=refits)[group.id][0.125]
+    without = scan(model, cg, scores, calibration(), steps=(0.125,))[group.id][0.125]
+    assert with_refit < 1e-6 < without

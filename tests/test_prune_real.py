@@ -46,7 +46,7 @@ LIGHT_CASES = {
     "inception_v2": 0.55, "densenet121": 0.55, "vgg19": 0.55,
     "bvlc_alexnet": 0.95, "zfnet512": 0.75,  # LRN (channel-window normalization) freezes the first layers
 }
-SLOW_LIGHT = {"inception_v2", "densenet121", "vgg19", "bvlc_alexnet", "zfnet512"}
+SLOW_LIGHT = {"resnet50", "inception_v2", "densenet121", "vgg19", "bvlc_alexnet", "zfnet512"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LIGHT else n

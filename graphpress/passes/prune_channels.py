@@ -21,7 +21,8 @@ from ..pruning.importance import channel_scores
 from ..pruning.plan import CostModel, ratios_for_target, select, uniform_ratios
 from ..pruning.reconstruct import refit_layers
 from ..pruning.report import build_report
-from ..pruning.sensitivity import sensitivity_ratios
+from ..pruning.obs import eliminate
+from ..pruning.sensitivity import sensitivity_ratios, steps_for
 from .base import Pass, PassContext, PassResult
 from .registry import register
 
@@ -44,9 +45,13 @@ class PruneChannels(Pass):
         shapes = tensor_shapes(infer_shapes(model))
         cg = analyze(model, shapes)
         calibration = ctx.calibration
-        scores = channel_scores(model, cg, self.criterion, calibration)
+        refits = None
+        if self.sensitivity and self.criterion == "reconstruction" and calibration is not None:
+            scores, refits = eliminate(model, cg, calibration, steps_for(cg, self.round_to))
+        else:
+            scores = channel_scores(model, cg, self.criterion, calibration)
         costs = CostModel(model, cg, shapes, model.parameter_count(), macs(model).total)
-        ratios = self._ratios(model, cg, scores, costs, ctx)
+        ratios = self._ratios(model, cg, scores, costs, ctx, refits)
         plan = select(cg, scores, ratios, self.round_to)
         report = build_report(cg, costs, plan)
         ctx.reports[self.name] = report
@@ -72,7 +77,7 @@ class PruneChannels(Pass):
                                  "macs_kept": round(after / max(report.macs_before, 1), 4)})
 
     def _ratios(self, model: Model, cg: ChannelGraph, scores: np.ndarray, costs: CostModel,
-                ctx: PassContext) -> dict[int, float]:
+                ctx: PassContext, refits=None) -> dict[int, float]:
         base = _layer_ratios(cg, self.layer_ratios)
         targets = [(metric, value) for metric, value in (("macs", self.target_macs), ("params", self.target_params))
                    if value is not None]
@@ -87,7 +92,8 @@ class PruneChannels(Pass):
             if not targets or ctx.calibration is None:
                 raise GraphpressError("prune-channels: sensitivity=true needs a target and calibration data")
             metric, value = targets[0]
-            return sensitivity_ratios(model, cg, scores, costs, metric, value, ctx.calibration, self.round_to)
+            return sensitivity_ratios(model, cg, scores, costs, metric, value, ctx.calibration, self.round_to,
+                                      refits)
         if targets:
             metric, value = targets[0]
             return ratios_for_target(cg, scores, costs, metric, value, self.round_to, base)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from ..ir import Model, activation_batches
 from .groups import ChannelGraph, Group, Member
@@ -84,17 +85,30 @@ class _Consumer:
         self.theta[r] = 0
 
 
+#: the re-fitted weights of a group's consumers after removing k channels: (group id, k) -> [(node, theta)]
+Refits = dict[tuple[int, int], list[tuple[gs.Node, np.ndarray]]]
+
+
 def reconstruction_scores(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> np.ndarray:
     """A score per channel id: its rank in the greedy elimination order of its group (low = first)."""
+    return eliminate(model, cg, calibration)[0]
+
+
+def eliminate(model: Model, cg: ChannelGraph, calibration: Iterable[dict],
+              snapshots: dict[int, list[int]] | None = None) -> tuple[np.ndarray, Refits]:
+    """Scores as `reconstruction_scores`, and the consumers' re-fitted weights of group g after removing
+    k channels for every k in `snapshots[g]` (what the sensitivity scan runs)."""
     consumers = _consumers(model, cg, calibration)
     scores = np.zeros(cg.total)
+    refits: Refits = {}
     for group in cg.prunable():
         mine = [c.for_group(group) for c in consumers if c.member.space in group.spaces]
-        scores[group.classes] = _elimination_rank(group, mine)
-    return scores
+        scores[group.classes] = _elimination_rank(group, mine, set((snapshots or {}).get(group.id, ())),
+                                                  refits)
+    return scores, refits
 
 
-def _elimination_rank(group: Group, consumers: list[_Consumer]) -> np.ndarray:
+def _elimination_rank(group: Group, consumers: list[_Consumer], keep_at: set[int], refits: Refits) -> np.ndarray:
     channels = group.classes
     rank = np.full(len(channels), float(len(channels)))
     if not consumers:
@@ -114,6 +128,8 @@ def _elimination_rank(group: Group, consumers: list[_Consumer]) -> np.ndarray:
         rank[chosen] = step
         for consumer in consumers:
             consumer.remove(int(channels[chosen]))
+        if step + 1 in keep_at:
+            refits[(group.id, step + 1)] = [(c.member.node, c.theta.copy()) for c in consumers]
     return rank
 
 

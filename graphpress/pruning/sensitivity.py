@@ -3,7 +3,10 @@
 Removing a channel is, for the function the model computes, the same as zeroing the input columns of
 every consumer that reads it (graph outputs are frozen, so every path ends in consumers). The scan uses
 that: for each group and each candidate ratio it zeroes those columns in place, runs the model on the
-calibration data, and records the relative output error and the cost saved. A greedy allocation then
+calibration data, and records the relative output error and the cost saved. With the re-fit-aware
+criterion the consumers also carry, during the run, the weights the least-squares re-fit would give them
+(from `obs.eliminate`), so the scan measures the damage that is left after reconstruction, not before.
+A greedy allocation then
 raises, one step at a time, the ratio of the group that saves the most cost per unit of added error,
 until the estimated cost meets the target.
 """
@@ -18,7 +21,9 @@ import onnx_graphsurgeon as gs
 
 from ..ir import Model, session
 from .groups import ChannelGraph
-from .plan import CostModel, keep_masks, ratios_for_target, select
+from .obs import Refits
+from .plan import CostModel, keep_masks, kept_count, ratios_for_target, select
+from .reconstruct import LAYERS
 
 log = logging.getLogger("graphpress.pruning")
 
@@ -26,9 +31,16 @@ log = logging.getLogger("graphpress.pruning")
 STEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
+def steps_for(cg: ChannelGraph, round_to: int = 1, steps=STEPS) -> dict[int, list[int]]:
+    """Per group, the numbers of channels the scan removes (one per candidate ratio)."""
+    return {g.id: sorted({g.size - kept_count(g.size, r, round_to, g.blocks) for r in steps} - {0})
+            for g in cg.prunable()}
+
+
 def scan(model: Model, cg: ChannelGraph, scores: np.ndarray, calibration: Iterable[dict],
-         round_to: int = 1, steps=STEPS) -> dict[int, dict[float, float]]:
-    """Relative output error of the model with each prunable group alone pruned at each ratio."""
+         round_to: int = 1, steps=STEPS, refits: Refits | None = None) -> dict[int, dict[float, float]]:
+    """Relative output error of the model with each prunable group alone pruned at each ratio; with
+    `refits` (from `obs.eliminate`), the consumers carry their re-fitted weights during the run."""
     batches = list(calibration)
     reference = [session(model).run(None, b) for b in batches]
     errors: dict[int, dict[float, float]] = {}
@@ -39,7 +51,8 @@ def scan(model: Model, cg: ChannelGraph, scores: np.ndarray, calibration: Iterab
             plan = select(cg, scores, {group.id: ratio}, round_to)
             if not plan.any():
                 continue
-            with _zeroed(model, cg, plan):
+            refit = (refits or {}).get((group.id, int(plan.sum())), [])
+            with _zeroed(model, cg, plan), _refitted(model, refit):
                 sess = session(model)
                 errors[group.id][ratio] = float(np.mean([_relative_error(ref, sess.run(None, b))
                                                           for ref, b in zip(reference, batches)]))
@@ -81,10 +94,32 @@ class _zeroed:
         return False
 
 
+class _refitted:
+    """Context: the given consumers temporarily carry re-fitted weights."""
+
+    def __init__(self, model: Model, refit: list[tuple[gs.Node, np.ndarray]]):
+        self.model, self.refit = model, refit
+        self.saved = [(node, list(node.inputs)) for node, _ in refit]
+
+    def __enter__(self):
+        for node, theta in self.refit:
+            LAYERS[node.op].store(self.model, node, theta)
+        return self
+
+    def __exit__(self, *exc):
+        for node, inputs in self.saved:
+            while len(node.inputs) > len(inputs):
+                node.inputs.pop()
+            for i, tensor in enumerate(inputs):
+                node.inputs[i] = tensor
+        return False
+
+
 def sensitivity_ratios(model: Model, cg: ChannelGraph, scores: np.ndarray, costs: CostModel, metric: str,
-                       target: float, calibration: Iterable[dict], round_to: int = 1) -> dict[int, float]:
+                       target: float, calibration: Iterable[dict], round_to: int = 1,
+                       refits: Refits | None = None) -> dict[int, float]:
     """Per-group ratios meeting `target` (share of `metric` kept) with the least scanned error."""
-    errors = scan(model, cg, scores, calibration, round_to)
+    errors = scan(model, cg, scores, calibration, round_to, refits=refits)
     nothing = np.zeros(cg.total, dtype=bool)
     original = getattr(costs.cost(nothing), metric)
     ratios = {gid: 0.0 for gid in errors}
