@@ -260,3 +260,17 @@ def test_gather_tables_are_stored_int8_per_row():
     table = dq_of(q, "table")
     assert table.attrs["axis"] == 0 and table.inputs[1].values.shape == (10,)
     assert compare(original, q, inputs).within(rtol=0.05)
+
+
+def test_svd_split_output_quantizes_too():
+    pytest.importorskip("graphpress.passes.svd_split")
+    low_rank = (RNG.standard_normal((32, 4)) @ RNG.standard_normal((4, 32))).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    model = _model(nodes, [_f("x", 8, 32)], [_f("y", 8, 32)], [numpy_helper.from_array(low_rank, "w")])
+    original, q, _ = quantize(model, "svd-split(method=plain,ratio=0.125),insert-qdq")
+    matmuls = list(q.nodes(op=("MatMul", "Gemm")))
+    assert len(matmuls) == 2
+    assert all(n.inputs[1].inputs[0].op == "DequantizeLinear" for n in matmuls)  # both factors int8
+    assert all(n.inputs[0].inputs[0].op == "DequantizeLinear" for n in matmuls)
+    assert compare(original, q, calibration(original, 1)[0]).within(rtol=0.05)
