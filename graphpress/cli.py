@@ -232,6 +232,8 @@ def _print_compress_result(result: dict) -> None:
     from .compress.report import stage_table
     print(stage_table(result))
     print(f"\npipeline: {result['pipeline']}")
+    if "compile_error" in result:
+        print(f"no compiled artifact: {result['compile_error']}")
     print(f"wrote {Path(result['onnx']).parent}/ (model.onnx, report.json, report.html"
           f"{', artifact/' if 'artifact' in result else ''})")
 

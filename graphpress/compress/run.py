@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import GraphpressError
+from ..errors import BackendError, GraphpressError
 from ..ir import Model, load, save
 from ..machine import describe
 from ..ir.execute import model_size_bytes
@@ -86,8 +86,14 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
         "onnx": str(final_path),
     }
     if target:
-        stages.append(_compile_stage(current, target, output_dir / "artifact", result["pipeline"], evaluator, threads))
-        result["artifact"] = str(output_dir / "artifact")
+        try:
+            stages.append(_compile_stage(current, target, output_dir / "artifact", result["pipeline"], evaluator,
+                                         threads))
+            result["artifact"] = str(output_dir / "artifact")
+        except BackendError as exc:
+            # the compressed ONNX model is still the main result: report why there is no artifact
+            result["compile_error"] = str(exc)
+            log(f"compile for {target} failed: {exc}")
     result["stages"] = [s.as_dict() for s in stages]
     result["search"] = {"trials": [asdict(t) for t in search.trials],
                         "pareto_front": [asdict(t) for t in search.pareto_front()]}
