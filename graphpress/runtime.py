@@ -49,8 +49,8 @@ class CompiledModel:
             result = self._vm["main"](*[tvm.runtime.tensor(a, self._device) for a in arrays])
         except Exception as exc:  # TVM raises TVMError subclasses from inside the kernels
             raise BackendError(f"{self.path}: running the model failed ({summarize(exc)})") from exc
-        results = list(result) if not hasattr(result, "numpy") else [result]
-        return {spec["name"]: r.numpy() for spec, r in zip(self.outputs, results)}
+        results = [result] if len(self.outputs) == 1 else list(result)
+        return {spec["name"]: _to_numpy(r, spec) for spec, r in zip(self.outputs, results)}
 
     def _check_inputs(self, inputs: dict) -> list[np.ndarray]:
         expected = [spec["name"] for spec in self.inputs]
@@ -61,7 +61,7 @@ class CompiledModel:
                                f"missing {missing}, unexpected {unknown}")
         arrays = []
         for spec in self.inputs:
-            array = np.ascontiguousarray(inputs[spec["name"]])
+            array = np.asarray(inputs[spec["name"]], order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
             if array.dtype != np.dtype(spec["dtype"]):
                 raise BackendError(f"{self.path}: input {spec['name']!r} must be {spec['dtype']}, got {array.dtype}")
             if list(array.shape) != list(spec["shape"]):
@@ -69,6 +69,13 @@ class CompiledModel:
                                    f"(fixed at compile time), got {list(array.shape)}")
             arrays.append(array)
         return arrays
+
+
+def _to_numpy(value, spec: dict) -> np.ndarray:
+    """A VM result as numpy: tensors directly; shape-valued outputs (ints, shape tuples) as arrays."""
+    if hasattr(value, "numpy"):
+        return value.numpy()
+    return np.asarray(value if isinstance(value, int) else list(value), dtype=spec["dtype"])
 
 
 def load(path: str | os.PathLike) -> CompiledModel:

@@ -91,12 +91,12 @@ def assert_close(actual: dict, expected: dict, rtol: float = RTOL) -> None:
 
 
 def scalar_constant_of_shape_net() -> onnx.ModelProto:
-    """y = x * ConstantOfShape(shape=[]) : a scalar made from an empty shape, as exported BERT masks do."""
+    """y = x * ConstantOfShape(shape=[]), x and y 0-d: a scalar made from an empty shape, as exported BERT masks do."""
     empty = numpy_helper.from_array(np.zeros(0, np.int64), "empty_shape")
     nodes = [helper.make_node("Constant", [], ["shape"], name="shape_const", value=empty),
              helper.make_node("ConstantOfShape", ["shape"], ["two"], name="scalar_two",
                               value=numpy_helper.from_array(np.array([2.0], np.float32))),
              helper.make_node("Mul", ["x", "two"], ["y"], name="mul")]
-    graph = helper.make_graph(nodes, "scalar_cos", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    graph = helper.make_graph(nodes, "scalar_cos", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
