@@ -1,6 +1,7 @@
 """The ONNX conformance node cases: load -> save and load -> fold -> save must reproduce the expected outputs.
 
-Every case of `onnx.backend.test.case.node.collect_testcases()` that onnxruntime itself runs and passes
+Every case of `onnx.backend.test.case.node.collect_testcases()` (and of the small model cases stored in
+the wheel: PyTorch-converted layers and operators, simple graphs) that onnxruntime itself runs and passes
 (with the case's rtol/atol, compared the way onnx's backend runner compares) is checked twice: after a
 graphpress round trip and after the `fold` pipeline. Cases are split into a few chunks so that `-n 2`
 spreads them over both cores; collecting the cases takes onnx ~10 s, so they are cached in the temp
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from onnx.backend.test.runner import Runner
 
 import graphpress.ir as ir
@@ -49,6 +51,40 @@ def node_cases() -> list[dict[str, Any]]:
         pickle.dump(cases, f)
     os.replace(tmp, CACHE)
     return cases
+
+
+#: the model cases stored on disk in the onnx wheel (PyTorch exports, small graphs), beside the node cases
+MODEL_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
+DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+def disk_cases() -> list[dict[str, Any]]:
+    """The model cases of MODEL_KINDS (with onnx's default tolerances), in the same form as `node_cases`."""
+    cases = []
+    for kind in MODEL_KINDS:
+        for case_dir in sorted((DATA / kind).glob("*/model.onnx")):
+            model = onnx.load(case_dir)
+            data_sets = [([_read_value(f, t.type) for f, t in zip(sorted(d.glob("input_*.pb")), _real_inputs(model))],
+                          [_read_value(f, t.type) for f, t in zip(sorted(d.glob("output_*.pb")), model.graph.output)])
+                         for d in sorted(case_dir.parent.glob("test_data_set_*"))]
+            cases.append({"name": f"{kind}/{case_dir.parent.name}", "model": model.SerializeToString(),
+                          "data_sets": data_sets, "rtol": 1e-3, "atol": 1e-7})
+    return cases
+
+
+def _real_inputs(model: onnx.ModelProto) -> list:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _read_value(path: Path, type_proto: onnx.TypeProto):
+    """A stored input/output: a tensor, a sequence or an optional, as onnxruntime takes and returns it."""
+    data = path.read_bytes()
+    if type_proto.HasField("sequence_type"):
+        return numpy_helper.to_list(onnx.SequenceProto.FromString(data))
+    if type_proto.HasField("optional_type"):
+        return numpy_helper.to_optional(onnx.OptionalProto.FromString(data))
+    return numpy_helper.to_array(onnx.TensorProto.FromString(data))
 
 
 def _feed(model: onnx.ModelProto, inputs: list) -> dict[str, Any]:
@@ -114,7 +150,7 @@ def run_chunk(cases: list[dict], tmp: Path) -> dict[str, dict[str, str] | None]:
 
 @pytest.fixture(scope="module")
 def cases():
-    return node_cases()
+    return node_cases() + disk_cases()
 
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
@@ -131,7 +167,7 @@ def write_report() -> dict:
     """Run every case once and write benchmarks/results/conformance.json."""
     from tqdm import tqdm
 
-    cases = node_cases()
+    cases = node_cases() + disk_cases()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for case in tqdm(cases, desc="conformance cases", unit="case"):
@@ -139,7 +175,9 @@ def write_report() -> dict:
     runnable = {n: r for n, r in results.items() if r is not None}
     report = {
         "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+        "cases": f"collect_testcases() node cases, plus the {', '.join(MODEL_KINDS)} model cases in the wheel",
         "cases_total": len(results),
+        "model_cases": sum("/" in name for name in results),
         "onnxruntime_passes": len(runnable),
         "round_trip_passed": sum(not r["round-trip"] for r in runnable.values()),
         "fold_passed": sum(not r["fold"] for r in runnable.values()),
