@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
@@ -13,10 +12,12 @@ from .injective import schedule_injective
 
 
 class RowReduction(CPUScheduleRule):
-    """Each block on its own: element-wise blocks vectorized, reduction blocks parallel over their rows.
+    """Row-wise reductions (softmax, layer norm): one parallel loop over rows, every block per row.
 
-    Blocks stay separate loop nests (rows are not fused across blocks): every loop nest is a
-    valid parallel loop on its own, which keeps the rule correct for any mix of blocks.
+    When every block iterates the same rows as the output (all axes but the innermost), the blocks
+    are computed row by row under one loop (the row stays in L1 between the max, exp, sum and
+    divide passes; element-wise passes vectorized). Otherwise each block is its own loop nest:
+    element-wise ones vectorized, reduction ones parallel over their rows.
     """
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
@@ -26,7 +27,14 @@ class RowReduction(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or all(b.is_injective() for b in infos):
             return None
-        infos = try_inline_contiguous_spatial(sch, infos)
+        infos = _inline_single_use(sch, infos)
+        lanes = vector_unit(target).lanes(str(sch.get(infos[-1].block_rv).writes[0].source.dtype))
+        fused = sch.copy()
+        try:
+            if fuse_rows(fused, [i.block_rv for i in infos], lanes):
+                return fused
+        except s_tir.ScheduleError:  # blocks whose rows do not line up: schedule them one by one
+            pass
         for info in infos:
             dtype = str(sch.get(info.block_rv).writes[0].source.dtype)
             if info.is_injective():
@@ -52,3 +60,45 @@ def parallelize_rows(sch: s_tir.Schedule, block) -> None:
     for iv in iters[len(row_loops):]:
         work *= const_extent(iv.dom.extent) or 0
     parallelize(sch, row_loops, work)
+
+
+def fuse_rows(sch: s_tir.Schedule, blocks: list, lanes: int) -> bool:
+    """Compute all `blocks` per row of the last one; False when their row extents differ."""
+    out_loops = sch.get_loops(blocks[-1])
+    extents = [int(sch.get(loop).extent) for loop in out_loops]
+    rows = extents[:-1]
+    if not rows:
+        return False
+    for block in blocks[:-1]:
+        spatial = [int(iv.dom.extent) for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+        if spatial not in (rows, extents):
+            return False
+    row = sch.fuse(*out_loops[:-1]) if len(rows) > 1 else out_loops[0]
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    total = 1
+    for e in extents:
+        total *= e
+    parallelize(sch, [row], total * len(blocks))
+    for block in blocks:
+        if all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+            inner = sch.get_loops(block)[-1]
+            extent = int(sch.get(inner).extent)
+            if extent % lanes == 0 and extent > lanes:
+                sch.vectorize(sch.split(inner, [None, lanes])[1])
+    return True
+
+
+def _inline_single_use(sch: s_tir.Schedule, infos: list) -> list:
+    """Inline element-wise blocks read by one block; keep the rest (softmax's exp feeds both the sum
+    and the division: inlined, it would be computed twice, and inside the scalar sum loop)."""
+    remaining = []
+    for info in infos:
+        if info.is_injective() and len(sch.get_consumers(info.block_rv)) == 1:
+            try:
+                sch.compute_inline(info.block_rv)
+                continue
+            except s_tir.ScheduleError:  # e.g. it writes a function output
+                pass
+        remaining.append(info)
+    return remaining
