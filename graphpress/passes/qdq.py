@@ -19,7 +19,7 @@ from ..ir import Model, infer_shapes
 from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.equalize import equalize
-from ..quant.insert import existing_parameters, insert_qdq, store_bias, store_weight
+from ..quant.insert import Names, existing_parameters, insert_qdq, store_bias, store_weight
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import scale_zero_point
 from ..quant.sensitivity import OutputProbe, choose_float_nodes, rank_by_sensitivity
@@ -136,19 +136,20 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
                symmetric: bool, reduce_range: bool = False) -> None:
     """Edit `model` as `plan` says, with activation `ranges` from calibration."""
     tensors = model.tensors()
+    names = Names(model)
     params = {name: scale_zero_point(*ranges[name], activation_type, symmetric) for name in plan.activations}
     for output, source in plan.shared.items():
         found = params.get(source) or existing_parameters(tensors[source])
         if found is None:
             raise GraphpressError(f"tensor {source!r}: no quantization parameters to share with {output!r}")
         params[output] = found
-    weight_scales = {name: store_weight(model, tensors[name], axis, reduce_range) for name, axis in plan.weights.items()}
+    weight_scales = {name: store_weight(model, names, tensors[name], axis, reduce_range) for name, axis in plan.weights.items()}
     for name, bias in plan.biases.items():
         source = params.get(bias.activation) or existing_parameters(tensors[bias.activation])
         if source is not None:
-            store_bias(model, tensors[name], source[0], weight_scales[bias.weight])
+            store_bias(model, names, tensors[name], source[0], weight_scales[bias.weight])
     for name, (scale, zero_point) in params.items():
-        insert_qdq(model, tensors[name], scale, zero_point)
+        insert_qdq(model, names, tensors[name], scale, zero_point)
     model.cleanup()
 
 

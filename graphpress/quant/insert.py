@@ -10,15 +10,32 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..ir import Model, insert_node_after
+from ..ir import Model
 from .scales import quantize_bias, quantize_weight
 
 
-def _constant(model: Model, base: str, value: np.ndarray) -> gs.Constant:
-    """A new initializer that keeps 0-d values 0-d (per-tensor scales must be scalars for onnxruntime's
-    int8 kernels; `ir.new_constant` makes them 1-d)."""
-    value = np.asarray(value)
-    return gs.Constant(model.unique_name(base), value if value.ndim == 0 else np.ascontiguousarray(value))
+class Names:
+    """Unique names for the many tensors and nodes one quantization adds.
+
+    `Model.unique_name` rescans the whole graph per call; a quantized transformer needs ~1000 new
+    names, so the taken set is read once here and kept up to date.
+    """
+
+    def __init__(self, model: Model):
+        self.taken = model._names()
+
+    def new(self, base: str) -> str:
+        name, counter = base, 0
+        while name in self.taken:
+            name, counter = f"{base}_{counter}", counter + 1
+        self.taken.add(name)
+        return name
+
+    def constant(self, base: str, value: np.ndarray) -> gs.Constant:
+        """A new initializer that keeps 0-d values 0-d (per-tensor scales must be scalars for
+        onnxruntime's int8 kernels; `ir.new_constant` makes them 1-d)."""
+        value = np.asarray(value)
+        return gs.Constant(self.new(base), value if value.ndim == 0 else np.ascontiguousarray(value))
 
 
 #: longest base for the names of new tensors and nodes (converted TF models have 100-character names,
@@ -44,57 +61,66 @@ def existing_parameters(tensor: gs.Tensor) -> tuple[np.ndarray, np.ndarray] | No
     return None
 
 
-def insert_qdq(model: Model, tensor: gs.Tensor, scale: np.ndarray, zero_point: np.ndarray) -> gs.Node:
-    """Put QuantizeLinear -> DequantizeLinear after `tensor`; every former consumer reads the DQ."""
+def insert_qdq(model: Model, names: Names, tensor: gs.Tensor, scale: np.ndarray, zero_point: np.ndarray
+               ) -> gs.Node:
+    """Put QuantizeLinear -> DequantizeLinear after `tensor`; every former consumer reads the DQ.
+
+    A graph output keeps its name: the DQ output takes it and the float tensor is renamed.
+    """
     base = short_name(tensor.name)
-    params = [_constant(model, f"{base}_scale", np.asarray(scale, np.float32)),
-              _constant(model, f"{base}_zero_point", np.asarray(zero_point))]
-    quant = insert_node_after(model, tensor, "QuantizeLinear", params, name=model.unique_name(f"{base}_quantize"))
-    _rename_inner(model, quant.outputs[0], f"{base}_q")
-    quant.outputs[0].dtype = np.asarray(zero_point).dtype
-    dequant = insert_node_after(model, quant.outputs[0], "DequantizeLinear", params,
-                                name=model.unique_name(f"{base}_dequantize"))
-    _rename_inner(model, dequant.outputs[0], f"{base}_dq")
-    dequant.outputs[0].dtype = np.float32
+    zero_point = np.asarray(zero_point)
+    params = [names.constant(f"{base}_scale", np.asarray(scale, np.float32)),
+              names.constant(f"{base}_zero_point", zero_point)]
+    consumers = list(tensor.outputs)
+    quantized = gs.Variable(names.new(f"{base}_q"), dtype=zero_point.dtype, shape=tensor.shape)
+    dequantized = gs.Variable(names.new(f"{base}_dq"), dtype=np.float32, shape=tensor.shape)
+    quant = gs.Node("QuantizeLinear", names.new(f"{base}_quantize"), inputs=[tensor, *params], outputs=[quantized])
+    dequant = gs.Node("DequantizeLinear", names.new(f"{base}_dequantize"), inputs=[quantized, *params],
+                      outputs=[dequantized])
+    for consumer in consumers:
+        for i, t in enumerate(consumer.inputs):
+            if t is tensor:
+                consumer.inputs[i] = dequantized
+    if model.is_graph_output(tensor):
+        interface = tensor.name
+        tensor.name = names.new(f"{base}_float")
+        dequantized.name = interface
+        model.graph.outputs = [dequantized if t is tensor else t for t in model.graph.outputs]
+    model.graph.nodes.extend([quant, dequant])
     return dequant
 
 
-def _rename_inner(model: Model, tensor: gs.Tensor, base: str) -> None:
-    """Give a new inner tensor a short name (graph outputs keep the model's interface names)."""
-    if not model.is_graph_output(tensor):
-        tensor.name = model.unique_name(base)
-
-
-def _dequantized_constant(model: Model, tensor: gs.Tensor, q: np.ndarray, scale: np.ndarray,
+def _dequantized_constant(model: Model, names: Names, tensor: gs.Tensor, q: np.ndarray, scale: np.ndarray,
                           zero_point: np.ndarray, axis: int | None) -> None:
     """Replace every use of constant `tensor` by DequantizeLinear(q, scale, zero_point[, axis])."""
     base = short_name(tensor.name)
-    inputs = [_constant(model, f"{base}_quantized", q),
-              _constant(model, f"{base}_scale", scale),
-              _constant(model, f"{base}_zero_point", zero_point)]
-    output = gs.Variable(model.unique_name(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
+    inputs = [names.constant(f"{base}_quantized", q), names.constant(f"{base}_scale", scale),
+              names.constant(f"{base}_zero_point", zero_point)]
+    output = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
     attrs = {"axis": int(axis)} if axis is not None and np.ndim(scale) == 1 else {}
     for consumer in list(tensor.outputs):
         for i, t in enumerate(consumer.inputs):
             if t is tensor:
                 consumer.inputs[i] = output
-    model.graph.nodes.append(gs.Node("DequantizeLinear", name=model.unique_name(f"{base}_dequantize"),
+    model.graph.nodes.append(gs.Node("DequantizeLinear", name=names.new(f"{base}_dequantize"),
                                      attrs=attrs, inputs=inputs, outputs=[output]))
 
 
-def store_weight(model: Model, tensor: gs.Tensor, axis: int | None, reduce_range: bool = False) -> np.ndarray:
+def store_weight(model: Model, names: Names, tensor: gs.Tensor, axis: int | None, reduce_range: bool = False
+                 ) -> np.ndarray:
     """Store constant `tensor` as symmetric int8 (per channel along `axis`); returns its scale."""
     value = model.constant_value(tensor).astype(np.float32)
     if axis is not None and value.ndim == 0:
         axis = None
     q, scale, zero_point = quantize_weight(value, axis, reduce_range)
-    _dequantized_constant(model, tensor, q, scale, zero_point, axis)
+    _dequantized_constant(model, names, tensor, q, scale, zero_point, axis)
     return scale
 
 
-def store_bias(model: Model, tensor: gs.Tensor, input_scale: np.ndarray, weight_scale: np.ndarray) -> None:
+def store_bias(model: Model, names: Names, tensor: gs.Tensor, input_scale: np.ndarray,
+               weight_scale: np.ndarray) -> None:
     """Store constant bias `tensor` as int32 with scale input_scale * weight_scale."""
     value = model.constant_value(tensor).astype(np.float32)
     q, scale = quantize_bias(value, input_scale, weight_scale)
     zero_point = np.zeros(scale.shape, np.int32)
-    _dequantized_constant(model, tensor, q, scale, zero_point, 0 if scale.ndim == 1 else None)
+    _dequantized_constant(model, names, tensor, q, scale, zero_point, 0 if scale.ndim == 1 else None)

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir import Model
+from .insert import Names
 from .calibrate import channel_absmax, require_calibration
 
 #: floor for channel maxima (dead channels would otherwise give s = 0 or infinity)
@@ -64,18 +65,19 @@ def smooth(model: Model, batches: Iterable[dict] | None, alpha: float = 0.5, all
     batches = require_calibration(batches, "smooth-quant")
     act_max = channel_absmax(model, list(groups), batches, "SmoothQuant")
     tensors = model.tensors()
+    names = Names(model)
     for name, nodes in groups.items():
         weights = [model.constant_value(n.inputs[1]) for n in nodes]
         s = smoothing_factors(act_max[name], weights, alpha)
         x = tensors[name]
-        scaled = gs.Variable(model.unique_name(f"{name}_smoothed"), dtype=np.float32, shape=x.shape)
-        divisor = gs.Constant(model.unique_name(f"{name}_smooth_scale"), (1.0 / s).astype(np.float32))
-        mul = gs.Node("Mul", name=model.unique_name(f"{name}_smooth"), inputs=[x, divisor], outputs=[scaled])
+        scaled = gs.Variable(names.new(f"{name}_smoothed"), dtype=np.float32, shape=x.shape)
+        divisor = gs.Constant(names.new(f"{name}_smooth_scale"), (1.0 / s).astype(np.float32))
+        mul = gs.Node("Mul", name=names.new(f"{name}_smooth"), inputs=[x, divisor], outputs=[scaled])
         model.graph.nodes.append(mul)
         model.mark_made_by(mul, RULE)
         for node, w in zip(nodes, weights):
             node.inputs[0] = scaled
-            node.inputs[1] = gs.Constant(model.unique_name(f"{node.inputs[1].name}_smoothed"),
+            node.inputs[1] = gs.Constant(names.new(f"{node.inputs[1].name}_smoothed"),
                                          (w * s[:, None]).astype(np.float32))
     model.cleanup()
     return len(groups)
