@@ -274,3 +274,10 @@ def test_svd_split_output_quantizes_too():
     assert all(n.inputs[1].inputs[0].op == "DequantizeLinear" for n in matmuls)  # both factors int8
     assert all(n.inputs[0].inputs[0].op == "DequantizeLinear" for n in matmuls)
     assert compare(original, q, calibration(original, 1)[0]).within(rtol=0.05)
+
+
+def test_old_opset_without_quantizable_ops_is_left_alone():
+    nodes = [helper.make_node("Softmax", ["x"], ["y"], name="softmax")]
+    model = _model(nodes, [_f("x", 2, 4)], [_f("y", 2, 4)], [], opset=11)
+    _, q, record = quantize(model)
+    assert not record.changed and q.opset == 11

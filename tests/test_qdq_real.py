@@ -42,3 +42,14 @@ def test_mobilenet_v2_int8_matches_float_in_reference_execution(method):
     top1 = realdata.evaluate("mobilenet_v2", lambda feed: sess.run(None, feed)[0])
     assert top1 >= 0.85
     assert model_size_bytes(model) / model_size_bytes(quantized) >= 3.5
+
+
+MINILM_RECIPE = "smooth-quant,insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)"
+
+
+@pytest.mark.slow
+def test_minilm_static_int8_recipe_keeps_spearman():
+    model, quantized = _quantize("minilm", MINILM_RECIPE, samples=100)
+    assert model_size_bytes(model) / model_size_bytes(quantized) >= 3.5
+    float_score = realdata.evaluate("minilm", model, limit=300)
+    assert realdata.evaluate("minilm", quantized, limit=300) >= float_score - 0.005

@@ -85,26 +85,32 @@ class InsertQdq(Pass):
                          activation_matmul=self.activation_matmul, outputs=self.outputs)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        ensure_opset(model, QDQ_OPSET, ctx)
         dtypes = tensor_dtypes(model)
-        plan = make_plan(model, dtypes, self.selection(), self.per_channel, ctx.log)
+        plan = self.make_plan(model, dtypes, ctx)
+        if plan.empty():
+            return PassResult(changed=False, stats={"nodes": 0})
+        if model.opset < QDQ_OPSET:
+            ensure_opset(model, QDQ_OPSET, ctx)
+            dtypes = tensor_dtypes(model)
+            plan = self.make_plan(model, dtypes, ctx)
         if self.bias_correction and plan.weights:
             batches = require_calibration(ctx.calibration, "insert-qdq(bias-correction=true)")
             if correct_biases(model, plan.weights, batches, self.reduce_range):
-                plan = make_plan(model, dtypes, self.selection(), self.per_channel, ctx.log)  # new biases
-        if plan.empty():
-            return PassResult(changed=False, stats={"nodes": 0})
-        ranges = self.activation_ranges(model, plan, ctx) if plan.activations else {}
+                plan = self.make_plan(model, dtypes, ctx)  # Convs without a bias now have one
+        ranges = self.activation_ranges(model, plan, ctx) if plan.activations or plan.shared else {}
         stats = {}
         keep = list(self.keep_float or ())
         if keep == ["auto"]:
             keep, stats = self.most_sensitive(model, dtypes, plan, ranges, ctx)
         if keep:
-            plan = make_plan(model, dtypes, self.selection(keep), self.per_channel, ctx.log)
+            plan = self.make_plan(model, dtypes, ctx, keep)
         self.apply(model, plan, ranges)
         return PassResult(changed=True, stats={"nodes": len(plan.nodes), "activations": len(plan.activations),
                                                "weights": len(plan.weights), "biases": len(plan.biases),
                                                "float": len(keep), **stats})
+
+    def make_plan(self, model: Model, dtypes, ctx: PassContext, keep_float: Iterable[str] = ()) -> QuantPlan:
+        return make_plan(model, dtypes, self.selection(keep_float), self.per_channel, ctx.log)
 
     def activation_ranges(self, model: Model, plan: QuantPlan, ctx: PassContext) -> dict[str, tuple[float, float]]:
         batches = require_calibration(ctx.calibration, f"insert-qdq (method={self.method})")
@@ -120,8 +126,7 @@ class InsertQdq(Pass):
         """keep-float=auto: the nodes to keep float (sensitivity-ranked) and what was measured."""
         def build(float_nodes: set[str]) -> Model:
             variant = model.copy()
-            self.apply(variant, make_plan(variant, dtypes, self.selection(float_nodes), self.per_channel, ctx.log),
-                       ranges)
+            self.apply(variant, self.make_plan(variant, dtypes, ctx, float_nodes), ranges)
             return variant
 
         probe = OutputProbe(model, ctx.calibration, self.sensitivity_batches)
