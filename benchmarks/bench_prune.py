@@ -39,7 +39,7 @@ METHODS = {
 }
 CASES = {
     "resnet8": {"targets": [0.9, 0.8, 0.7, 0.6], "calibration": (100, 10)},
-    "mobilenet_v2": {"targets": [0.9, 0.8], "calibration": (100, 10)},  # each re-fit pass runs the whole net
+    "mobilenet_v2": {"targets": [0.8], "calibration": (100, 10)},  # the goal point only: re-fits are slow here
     "lenet": {"targets": [0.8, 0.6, 0.4, 0.2], "calibration": (100, 25)},
 }
 #: the issue's goals: at this share of the MACs, within this many points of the float metric

@@ -426,3 +426,17 @@ def test_sensitivity_scan_with_refits_sees_the_redundant_channel_as_free():
     with_refit = scan(model, cg, scores, calibration(), steps=(0.125,), refits=refits)[group.id][0.125]
     without = scan(model, cg, scores, calibration(), steps=(0.125,))[group.id][0.125]
     assert with_refit < 1e-6 < without
+
+
+def test_refit_with_too_few_rows_keeps_the_pruned_weights():
+    """Two calibration samples cannot determine a 28-input Gemm: the re-fit leaves it as pruned."""
+    b = Builder(["N", 3, 6, 6])
+    y = b.node("Relu", [b.conv("x", 3, 4, "conv", stride=2)])
+    flat = b.node("Flatten", [y], axis=1)
+    model = b.model(b.node("Gemm", [flat, b.weight("fc.w", (5, 36)), b.weight("fc.b", (5,))], name="fc", transB=1))
+    data = [{"x": np.random.default_rng(5).standard_normal((2, 3, 6, 6)).astype(np.float32)}]
+    plain, _ = prune(model, "prune-channels(ratio=0.25,reconstruct=false)")
+    refit, report = prune(model, "prune-channels(ratio=0.25)", data)
+    np.testing.assert_array_equal(weight(refit, "fc"), weight(plain, "fc"))
+    np.testing.assert_array_equal(weight(refit, "fc", 2), weight(plain, "fc", 2))
+    assert [f.error_after for f in report.reconstruction] == [f.error_before for f in report.reconstruction]

@@ -10,8 +10,8 @@ by least squares, the output error grows by exactly
 greedily: the channel whose removal costs least (summed over the group's consumers, each relative to its
 output energy) goes first, then theta and A^-1 are updated as if it were gone, and so on. A channel's
 score is its place in that order, so `select` removes the first ones eliminated. A consumer whose input
-is too wide for a dense A (more than MAX_DIM rows) uses the diagonal of A, which is the `activation`
-criterion.
+is too wide for a dense A (more than MAX_DIM rows), or seen on too few calibration rows to estimate it,
+uses the diagonal of A, which is the `activation` criterion.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from ..ir import Model, activation_batches
 from .groups import ChannelGraph, Group, Member
-from .reconstruct import LAYERS
+from .reconstruct import LAYERS, MIN_ROWS_PER_UNKNOWN
 
 #: widest consumer input (rows of theta) handled with a dense inverse
 MAX_DIM = 4096
@@ -153,6 +153,7 @@ def _consumers(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> l
         return []
     thetas = {id(m): LAYERS[m.node.op].theta(model, m.node) for m in members}
     dense = {id(m) for m in members if len(thetas[id(m)]) <= MAX_DIM}
+    rows_seen = {id(m): 0 for m in members}
     grams = {id(m): np.zeros((len(thetas[id(m)]),) * (2 if id(m) in dense else 1)) for m in members}
     names = list(dict.fromkeys(m.node.inputs[0].name for m in members))
     rng = np.random.default_rng(0)
@@ -163,9 +164,12 @@ def _consumers(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> l
                                       replace=False))
             rows = layer.features(m.node, x, pick).astype(np.float32)
             grams[id(m)] += rows.T @ rows if id(m) in dense else (rows * rows).sum(axis=0)
+            rows_seen[id(m)] += len(rows)
     result = []
     for m in members:
         theta, gram = thetas[id(m)], grams[id(m)]
+        if gram.ndim == 2 and rows_seen[id(m)] < MIN_ROWS_PER_UNKNOWN * len(gram):
+            gram = np.diag(gram).copy()  # too few rows for a trustworthy covariance: its diagonal only
         diag = gram if gram.ndim == 1 else np.diag(gram)
         ridge = RIDGE * max(diag.mean(), 1e-12)
         ainv = 1.0 / (diag + ridge) if gram.ndim == 1 else np.linalg.inv(gram + ridge * np.eye(len(gram)))

@@ -24,6 +24,9 @@ from .weights import replace_constant
 
 log = logging.getLogger("graphpress.pruning")
 
+#: a re-fit needs at least this many calibration rows per unknown weight of an output
+MIN_ROWS_PER_UNKNOWN = 1
+
 
 @dataclass
 class Normal:
@@ -32,6 +35,7 @@ class Normal:
     a: np.ndarray
     b: np.ndarray
     yy: float = 0.0
+    rows: int = 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """Add one batch of rows (products in float32 for speed, sums in float64)."""
@@ -39,6 +43,7 @@ class Normal:
         self.a += x32.T @ x32
         self.b += x32.T @ y32
         self.yy += float(np.sum(y.astype(np.float64) ** 2))
+        self.rows += len(x)
 
     def error(self, theta: np.ndarray) -> float:
         """||Y - X theta||^2 / ||Y||^2 from the accumulated statistics."""
@@ -46,18 +51,24 @@ class Normal:
         return float(max(residual, 0.0) / max(self.yy, 1e-30))
 
     def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray:
+        """The ridge solution pulled towards `theta0`; with fewer calibration rows than unknowns per output
+        the fit would only memorize the calibration data, so `theta0` is kept."""
+        if self.rows < MIN_ROWS_PER_UNKNOWN * len(self.a):
+            return theta0
         lam = ridge * np.trace(self.a) / max(len(self.a), 1) + 1e-12
         return np.linalg.solve(self.a + lam * np.eye(len(self.a)), self.b + lam * theta0)
 
 
 def refit_layers(original: Model, pruned: Model, layers: list[str], calibration: Iterable[dict],
                  out_masks: dict[str, np.ndarray | None], ridge: float = 1e-2, rows_per_batch: int = 2048,
-                 wave: int = 4, seed: int = 0) -> list[LayerFit]:
+                 seed: int = 0) -> list[LayerFit]:
     """Re-fit the named layers of `pruned` (in graph order) against `original`'s outputs of the same
     layers. `out_masks[name]` selects the original output channels the pruned layer still produces.
 
-    Layers are re-fitted in waves of `wave` consecutive layers: one pass over the calibration data per
-    wave (each model cut after the tensors the wave needs), so a wave sees the earlier waves' re-fits.
+    Layers are re-fitted in waves: a wave is a run of consecutive layers none of which reads (directly or
+    not) the output of another in the same wave, so one pass over the calibration data (each model cut
+    after the tensors the wave needs) serves them all, and every layer sees the re-fits of the layers it
+    depends on. A plain chain is re-fitted one layer at a time.
     """
     wanted = set(layers)
     todo = []
@@ -71,10 +82,36 @@ def refit_layers(original: Model, pruned: Model, layers: list[str], calibration:
         todo.append((node, layer))
     fits = []
     rng = np.random.default_rng(seed)
-    for start in range(0, len(todo), max(1, wave)):
-        fits.extend(_refit_wave(original, pruned, todo[start:start + wave], calibration, out_masks, ridge,
-                                rows_per_batch, rng))
+    for wave in _waves(todo):
+        fits.extend(_refit_wave(original, pruned, wave, calibration, out_masks, ridge, rows_per_batch, rng))
     return fits
+
+
+def _waves(todo: list) -> list[list]:
+    """Split the layers (in graph order) into runs whose members do not depend on each other."""
+    waves: list[list] = []
+    members: set[int] = set()
+    for node, layer in todo:
+        if waves and not (_ancestors(node) & members):
+            waves[-1].append((node, layer))
+        else:
+            waves.append([(node, layer)])
+            members = set()
+        members.add(id(node))
+    return waves
+
+
+def _ancestors(node: gs.Node) -> set[int]:
+    """ids of every node `node` depends on."""
+    seen: set[int] = set()
+    stack = [t for t in node.inputs]
+    while stack:
+        tensor = stack.pop()
+        for producer in tensor.inputs:
+            if id(producer) not in seen:
+                seen.add(id(producer))
+                stack.extend(producer.inputs)
+    return seen
 
 
 def _refit_wave(original, pruned, todo, calibration, out_masks, ridge, rows_per_batch, rng) -> list[LayerFit]:
@@ -130,6 +167,7 @@ def _plain(model: Model, tensor: gs.Tensor) -> bool:
 
 class _Conv:
     """2-D Conv with group 1: theta rows are (C_in * kh * kw [+ bias]), columns are output channels."""
+
 
     @staticmethod
     def supported(model: Model, node: gs.Node) -> bool:
@@ -214,6 +252,7 @@ def _conv_pads(node: gs.Node, spatial, kernel, strides, dil) -> list[int]:
 class _Gemm:
     """Gemm with alpha = beta = 1, transA = 0: theta rows are inputs [+ bias], columns outputs."""
 
+
     @staticmethod
     def supported(model: Model, node: gs.Node) -> bool:
         has_c = len(node.inputs) > 2 and node.inputs[2].name
@@ -258,6 +297,7 @@ class _Gemm:
 
 class _MatMul:
     """MatMul by a constant matrix: theta is the matrix (no bias input to fit)."""
+
 
     @staticmethod
     def supported(model: Model, node: gs.Node) -> bool:
