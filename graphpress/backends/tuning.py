@@ -46,7 +46,7 @@ def tune(model, target: str | None = "x86", trials: int = 64, output: str | os.P
     """Tune `model` for `target` with up to `trials` measured candidates; return the database summary."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .tvm_compile import import_relax, input_specs, load_onnx, lower
+    from .tvm_compile import import_relax, input_specs, load_onnx, lower, tvm_failures
 
     if trials < 1:
         raise BackendError(f"--trials must be at least 1, got {trials}")
@@ -54,7 +54,9 @@ def tune(model, target: str | None = "x86", trials: int = 64, output: str | os.P
     runner, threads = _runner(spec, rpc, key)
     proto, where, source = load_onnx(model, None)
     inputs, _ = input_specs(proto, shapes, where)
-    mod = lower(import_relax(proto, inputs, where), spec.tvm_target())
+    mod = import_relax(proto, inputs, where)
+    with tvm_failures(where, spec):
+        mod = lower(mod, spec.tvm_target())
     tvm_target = _measuring_target(spec, threads)
     output = Path(output)
     previous = _read_info(output) if output.exists() else None

@@ -76,12 +76,13 @@ def compile(model, target: str | None = "x86", output: str | os.PathLike | None 
         bar.update()
         bar.set_postfix_str("lower")
         tvm_target = spec.tvm_target()
-        mod = lower(mod, tvm_target)
         tuning = None
-        if tuning_db is not None:
-            from .tuning import apply_database
+        with tvm_failures(where, spec):
+            mod = lower(mod, tvm_target)
+            if tuning_db is not None:
+                from .tuning import apply_database
 
-            mod, tuning = apply_database(mod, spec, tuning_db)
+                mod, tuning = apply_database(mod, spec, tuning_db)
         bar.update()
         bar.set_postfix_str("codegen")
         executable = build(mod, spec, tvm_target, where)
@@ -281,16 +282,23 @@ def build(mod, spec: targets_mod.TargetSpec, target, where: str):
     from . import cuda
 
     codegen = cuda.device_codegen(spec.config["arch"]) if spec.kind == "cuda" else contextlib.nullcontext()
-    try:
+    with tvm_failures(where, spec):
         if spec.kind == "llvm":  # default schedules for every function a tuning database did not schedule
             from .cpu import schedule
 
             mod = schedule(mod, target)
         with codegen:
             return tvm.compile(mod, target=target)
+
+
+@contextlib.contextmanager
+def tvm_failures(where: str, spec: targets_mod.TargetSpec):
+    """Turn exceptions raised inside TVM (TVMError subclasses, ValueError...) into one-line BackendErrors."""
+    try:
+        yield
     except GraphpressError:
         raise
-    except Exception as exc:  # TVM's lowering and codegen raise TVMError subclasses
+    except Exception as exc:  # whatever TVM's passes and codegen raise
         raise BackendError(f"{where}: TVM failed to compile for {spec.name} ({summarize(exc)}); {ORT_HINT}") from exc
 
 
