@@ -41,7 +41,7 @@ ELEMENTWISE_UNARY = {
 }
 #: ops over the spatial axes of an NCHW tensor: channels pass through on axis 1 only
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
-           "InstanceNormalization", "Resize", "Upsample", "DepthToSpace_", "SpaceToDepth_"}
+           "InstanceNormalization", "Resize", "Upsample"}
 #: element-wise ops with several tensor inputs, broadcast numpy-style
 ELEMENTWISE_NARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Equal", "Greater", "Less",
                     "And", "Or", "Xor", "Where", "BitShift", "Mod"}
