@@ -1,10 +1,14 @@
-"""`insert-qdq`: post-training int8 quantization into QDQ form, from calibration data.
+"""Post-training int8 quantization into QDQ form, from calibration data, and the passes that prepare it.
 
-    fold,insert-qdq(method=entropy,per-channel=true,activation-type=int8)
+    fold,insert-qdq(method=mse)                                         CNNs
+    fold,insert-qdq(method=mse,reduce-range=true)                       ... run by onnxruntime on x86 without VNNI
+    smooth-quant,insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)   transformers
+    equalize,insert-qdq(per-channel=false,bias-correction=true)         per-tensor weights
 
-Plan (graphpress.quant.plan) -> calibrate activation ranges (graphpress.quant.calibrate) -> edit
-(graphpress.quant.insert). The result is a plain ONNX model that onnxruntime runs unchanged (and fuses
-into int8 kernels), with int8 weights: ~4x smaller.
+`insert-qdq`: plan (graphpress.quant.plan) -> calibrate activation ranges (graphpress.quant.calibrate)
+-> edit (graphpress.quant.insert). The result is a plain ONNX model that onnxruntime runs unchanged (and
+fuses into int8 kernels), with int8 weights: ~4x smaller. `smooth-quant` and `equalize` rewrite float
+weights so that quantization loses less; `keep-float=auto` keeps the most sensitive nodes in float.
 """
 
 from __future__ import annotations
