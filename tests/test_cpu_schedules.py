@@ -108,7 +108,8 @@ def conv_block(cin=16, cout=32, k=3, stride=1, group=1, hw=14, residual=False, a
     dict(cin=32, cout=32, k=3, stride=2, group=32, act="Clip"),  # depthwise, stride 2, ReLU6
     dict(cin=24, cout=40, k=1, hw=7, act=None),              # 1x1 on a 7x7 map: pixels fused into rows
     dict(cin=3, cout=10, k=3, hw=9),                         # channels no vector divides (10)
-], ids=["conv3x3", "residual", "depthwise-s2-relu6", "pointwise-7x7", "odd-channels"])
+    dict(cin=16, cout=48, k=1, hw=10, act=None),             # fused pixels: a tile must not straddle image rows
+], ids=["conv3x3", "residual", "depthwise-s2-relu6", "pointwise-7x7", "odd-channels", "pointwise-10x10"])
 def test_convolutions_match_onnxruntime_and_use_the_register_tile(kwargs):
     model = conv_block(**kwargs)
     x = RNG.standard_normal((1, kwargs["cin"], kwargs.get("hw", 14), kwargs.get("hw", 14))).astype(np.float32)

@@ -85,14 +85,15 @@ def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int, in
     work = 1
     for iv in iters:
         work *= int(iv.dom.extent)
-    rows_axis, outer = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators)
+    windowed = any(int(iv.dom.extent) > 1 for iv in iters[n_spatial:-1])
+    rows_axis, outer, width = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators, windowed)
     if rows_axis is None:
         c_out, p_out, c_in = sch.split(spatial[-1], [None, 1, vec := extents[-1] if extents[-1] <= 2 * lanes
                                                       else register_tile(extents[-1], 1, lanes, accumulators)[0]])
         p_in = None
         sch.reorder(c_out, p_out, *outer_reduce, c_in, *inner)
     else:
-        vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators)
+        vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, width)
         c_out, c_in = sch.split(spatial[-1], [None, vec])
         p_out, p_in = sch.split(rows_axis, [None, rows])
         sch.reorder(*outer, c_out, p_out, *outer_reduce, p_in, c_in, *inner)
@@ -152,8 +153,9 @@ def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators:
     for iv in iters:
         work *= int(iv.dom.extent)
     k_out, k_in = sch.split(reduce[-1], [None, depth])
-    rows_axis, outer = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators)
-    vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators)
+    windowed = any(int(iv.dom.extent) > 1 for iv in iters[n_spatial:-1])
+    rows_axis, outer, width = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators, windowed)
+    vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, width)
     c_out, c_in = sch.split(spatial[-1], [None, vec])
     p_out, p_in = sch.split(rows_axis, [None, rows])
     sch.reorder(*outer, k_out, c_out, p_out, *reduce[:-1], k_in, p_in, c_in)
@@ -167,45 +169,52 @@ def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators:
         schedule_injective(sch, ep, lanes)
 
 
-def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators):
-    """The loop whose iterations form the tile's rows, and the loops left outside the tile.
+def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators, windowed=True):
+    """The loop whose iterations form the tile's rows, the loops left outside the tile, and the image
+    width when the rows loop is fused pixels (else None).
 
-    The innermost pixel loop (output width, matmul rows) when its extent gives a register tile at
-    least half as full as the best one; otherwise all pixel loops fused into one (7x7 outputs:
-    rows of 7 pixels rather than 1). Fusing costs index arithmetic on windowed (k>1) inputs, so it
-    is only done when it pays.
+    All pixel loops fused into one when that gives a fuller register tile (7x7 and 14x14 outputs:
+    rows of 7 or 4 pixels rather than 1 or 2). For windowed reductions (k>1 convolutions, pooling)
+    fusing costs index arithmetic on every input load, so there the innermost pixel loop (output
+    width) is kept unless it fills less than half the tile; for pointwise convolutions and matmuls
+    the fused index is linear in memory and costs nothing.
     """
     if not pixel_loops:
-        return None, []
+        return None, [], None
     total = 1
     for e in pixel_extents:
         total *= e
 
-    def fill(pixels):
-        vec, rows = register_tile(channels, pixels, lanes, accumulators)
+    def fill(pixels, width=None):
+        vec, rows = register_tile(channels, pixels, lanes, accumulators, width)
         return rows * -(-vec // lanes)
 
-    if len(pixel_loops) == 1 or 2 * fill(pixel_extents[-1]) >= fill(total):
-        return pixel_loops[-1], list(pixel_loops[:-1])
-    return sch.fuse(*pixel_loops), []
+    slack = 2 if windowed else 1
+    if len(pixel_loops) == 1 or slack * fill(pixel_extents[-1]) >= fill(total, pixel_extents[-1]):
+        return pixel_loops[-1], list(pixel_loops[:-1]), None
+    return sch.fuse(*pixel_loops), [], pixel_extents[-1]
 
 
 def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def register_tile(channels: int, pixels: int, lanes: int, accumulators: int) -> tuple[int, int]:
+def register_tile(channels: int, pixels: int, lanes: int, accumulators: int, width: int | None = None) -> tuple[int, int]:
     """(output channels, output pixels) of one register tile.
 
     Channels come in whole vectors that divide the channel count (one to three vectors; a plain
     divisor when no vector divides it), pixels as a divisor of the pixel count; among those the
     tile with the most accumulator vectors that fit the registers wins (ties: wider channels).
+    With `width` (the pixels are a fused [height x width] axis), a tile must not straddle image
+    rows partially (width % rows == 0 or rows % width == 0): the epilogue is computed on the
+    tile's bounding box in (h, w), which must be the tile itself.
     """
     candidates = [v for v in (3 * lanes, 2 * lanes, lanes) if channels % v == 0] or [divisor_at_most(channels, 2 * lanes)]
     best = None
     for vec in candidates:
         vectors = -(-vec // lanes)
-        rows = divisor_at_most(pixels, max(1, accumulators // vectors))
+        rows = max(r for r in range(1, max(1, accumulators // vectors) + 1)
+                   if pixels % r == 0 and (width is None or width % r == 0 or r % width == 0))
         score = (rows * vectors, vec)
         if best is None or score > best[0]:
             best = (score, (vec, rows))
