@@ -224,3 +224,30 @@ def test_a_node_onnxruntime_cannot_evaluate_does_not_stop_the_others():
     assert ops(m) == ["Add"]  # (the dead Reshape is gone with the clean-up, not folded)
     x = np.ones(6, np.float32)
     np.testing.assert_array_equal(ir.run(m, {"x": x})["y"], x - np.arange(6))
+
+
+@pytest.mark.parametrize("condition,expected_op", [(True, "Mul"), (False, "Neg")])
+def test_if_on_a_constant_condition_is_inlined(condition, expected_op):
+    then_g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", FLOAT, [3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", FLOAT, [3])])
+    proto = model([helper.make_node("Not", ["flag"], ["cond"]),
+                   helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                  [("x", FLOAT, [3])], [("y", FLOAT, [3])],
+                  {"flag": np.bool_(not condition), "two": np.float32(2)})
+    folded, stats = run_pass(proto, "fold,inline-if,fold")
+    assert ops(folded) == [expected_op] and folded.graph.outputs[0].name == "y"
+    assert stats["inline-if"]["inlined"] == 1
+
+
+def test_if_on_an_input_condition_is_not_inlined():
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", FLOAT, [3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", FLOAT, [3])])
+    proto = model([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                  [("x", FLOAT, [3]), ("cond", TensorProto.BOOL, [])], [("y", FLOAT, [3])])
+    m = ir.load(proto)
+    assert not get("inline-if")().run(m, PassContext()).changed
+    assert ops(m) == ["If"]

@@ -15,6 +15,7 @@ BUILTIN_MODULES = (
     "graphpress.passes.fold",
     "graphpress.passes.fold_constants",
     "graphpress.passes.fold_shapes",
+    "graphpress.passes.inline_if",
     "graphpress.passes.cleanup",
     "graphpress.passes.fusion",
     "graphpress.passes.qdq",

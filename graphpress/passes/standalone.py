@@ -129,7 +129,12 @@ def annotate_shapes(model: Model) -> int:
 
 
 def _dims(shape: onnx.TensorShapeProto) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+    """Ints where static, the model's symbolic names where it has them, None elsewhere. The `unk__N`
+    names onnx invents are dropped: they restart at unk__0 on every inference run, so names from two runs
+    would claim that unrelated dims are equal (onnxruntime plans memory on such claims)."""
+    return [d.dim_value if d.HasField("dim_value")
+            else (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None)
+            for d in shape.dim]
 
 
 def _unknown_dims(shape) -> int:
