@@ -35,6 +35,8 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
+from .relax_rewrites import mutator_pass
+
 log = logging.getLogger(__name__)
 
 _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
@@ -179,31 +181,15 @@ class _ElementwiseQDQ(relax.PyExprMutator):
 
 def integer_conv_matmul():
     """Pass: conv2d / matmul on dequantized int8 inputs -> int16 x int16 -> int32 with a float rescale."""
-
-    @tvm.transform.module_pass(opt_level=0, name="IntegerConvMatmul")
-    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = _IntegerRewriter(mod).visit_expr(func)
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return transform
+    return mutator_pass(_IntegerRewriter, "IntegerConvMatmul")
 
 
 def elementwise_qdq():
     """Pass: per-tensor QuantizeLinear / DequantizeLinear of activations as element-wise Relax ops.
 
     `R.quantize` / `R.dequantize` have no layout rule, so ConvertLayout would wrap each in NHWC<->NCHW
-    transposes, and FuseOps would not put a QuantizeLinear into the convolution epilogue. As
-    divide, round (half to even), add, clip and cast they do both. Run after `integer_conv_matmul`,
-    which looks for `R.dequantize` on convolution inputs.
+    transposes, and FuseOps would not put a QuantizeLinear into the convolution epilogue. As multiply
+    by the reciprocal scale, round (half to even), add, maximum/minimum and cast they do both. Run
+    after `integer_conv_matmul`, which looks for `R.dequantize` on convolution inputs.
     """
-
-    @tvm.transform.module_pass(opt_level=0, name="ElementwiseQDQ")
-    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = _ElementwiseQDQ(mod).visit_expr(func)
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return transform
+    return mutator_pass(_ElementwiseQDQ, "ElementwiseQDQ")

@@ -90,7 +90,9 @@ class _FoldConstantsNumpy(relax.PyExprMutator):
         return relax.const(value.copy(order="C"), str(call.ty.dtype))  # ascontiguousarray would make 0-d 1-d
 
 
-def _module_pass(mutator_class, name: str):
+def mutator_pass(mutator_class, name: str):
+    """A module pass running `mutator_class(mod)` over every Relax function, then dead-code elimination."""
+
     @tvm.transform.module_pass(opt_level=0, name=name)
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gvar, func in list(mod.functions_items()):
@@ -103,9 +105,9 @@ def _module_pass(mutator_class, name: str):
 
 def clip_to_relax_ops():
     """Pass: the importer's Clip PrimFuncs with constant bounds -> R.maximum / R.minimum."""
-    return _module_pass(_ClipToRelaxOps, "ClipToRelaxOps")
+    return mutator_pass(_ClipToRelaxOps, "ClipToRelaxOps")
 
 
 def fold_constants_numpy():
     """Pass: layout changes, reshapes and Clip-bound sanitizing of constants evaluated with numpy."""
-    return _module_pass(_FoldConstantsNumpy, "FoldConstantsNumpy")
+    return mutator_pass(_FoldConstantsNumpy, "FoldConstantsNumpy")
