@@ -41,7 +41,9 @@ RECIPES = {
     "mobilenet_v1": {"mse+reduce-range": "insert-qdq(method=mse,reduce-range=true)"},
     "resnet8": {"mse+reduce-range": "insert-qdq(method=mse,reduce-range=true)"},
     "lenet": {},
-    "minilm": {"minmax, no smooth-quant": "insert-qdq(ops=[MatMul,Gather])"},
+    "minilm": {"minmax no smooth-quant": "insert-qdq(ops=[MatMul,Gather])",
+               "smooth-quant alpha=0.75": "smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],"
+                                                  "outputs=false,activation-matmul=false)"},
 }
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 #: MiniLM is scored on 2758 sentences per model: fewer variants and no exact-QDQ rescoring keep the run
@@ -136,7 +138,7 @@ def ort_dynamic(key: str, out: Path) -> dict:
     return {"pipeline": "quantize_dynamic(QInt8 weights, dynamic activations)", "quantize_seconds": None}
 
 
-def bench_model(key: str, limit: int | None, with_latency: bool, tmp: Path) -> dict:
+def bench_model(key: str, limit: int | None, with_latency: bool, tmp: Path, only: set[str] | None = None) -> dict:
     float_path = str(realdata.model_path(key))
     entry = {"metric_name": realdata.MODELS[key].metric, "float": {"size_bytes": Path(float_path).stat().st_size,
                                                                   **metrics(key, float_path, limit)},
@@ -149,6 +151,8 @@ def bench_model(key: str, limit: int | None, with_latency: bool, tmp: Path) -> d
     runs += [("onnxruntime", name, lambda out, m=name: ort_int8(key, m, out)) for name in light.get("ort", ORT_METHODS)]
     if key == "minilm":
         runs.append(("onnxruntime", "dynamic", lambda out: ort_dynamic(key, out)))
+    if only:
+        runs = [run for run in runs if run[1] in only]
     for tool, name, make in runs:
         out = tmp / f"{key}_{tool}_{name}.onnx"
         print(f"[{key}] {tool} {name} ...", flush=True)
@@ -161,7 +165,7 @@ def bench_model(key: str, limit: int | None, with_latency: bool, tmp: Path) -> d
             entry[tool][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             print(f"    failed: {entry[tool][name]['error']}", flush=True)
             continue
-        if with_latency and name in ("minmax", "MinMax", "dynamic"):
+        if with_latency and (name in ("minmax", "MinMax", "dynamic") or only):
             result["latency_ms"] = {f"batch{b}": latency_ms(key, str(out), b, r) for b, r in ((1, 30), (32, 5))}
         entry[tool][name] = result
         print(f"    {json.dumps({k: v for k, v in result.items() if k != 'pipeline'})}", flush=True)
@@ -215,6 +219,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--output", default=str(RESULTS / "qdq.json"))
+    parser.add_argument("--only", default=None, help="comma-separated method/recipe labels to run (default: all)")
     args = parser.parse_args()
     if not realdata.available():
         raise SystemExit(realdata.skip_reason())
@@ -225,7 +230,8 @@ def main() -> None:
                     "evaluation_limit": args.limit})
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
-            results["models"][key] = bench_model(key, args.limit, not args.no_latency, Path(tmp))
+            only = set(args.only.split(",")) if args.only else None
+            results["models"][key] = bench_model(key, args.limit, not args.no_latency, Path(tmp), only)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
             plot(results, out.with_suffix(".png"))

@@ -44,7 +44,7 @@ def test_mobilenet_v2_int8_matches_float_in_reference_execution(method):
     assert model_size_bytes(model) / model_size_bytes(quantized) >= 3.5
 
 
-MINILM_RECIPE = "smooth-quant,insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)"
+MINILM_RECIPE = "smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)"
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     fold,insert-qdq(method=mse)                                         CNNs
     fold,insert-qdq(method=mse,reduce-range=true)                       ... run by onnxruntime on x86 without VNNI
-    smooth-quant,insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)   transformers
+    smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)  transformers
     equalize,insert-qdq(per-channel=false,bias-correction=true)         per-tensor weights
 
 `insert-qdq`: plan (graphpress.quant.plan) -> calibrate activation ranges (graphpress.quant.calibrate)
