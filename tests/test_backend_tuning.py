@@ -6,6 +6,8 @@ Slow: every MetaSchedule builder worker first imports TVM's tensor intrinsics (t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +39,7 @@ def tracker():
 
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                               "--port", str(port), "--port-end", str(port + 1), "--silent"])]
+                               "--port", str(port), "--port-end", str(port + 1), "--silent"], start_new_session=True)]
     try:
         deadline = time.time() + 60
         while True:
@@ -50,14 +52,15 @@ def tracker():
         server_port = _free_port()
         procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
                                        "--port", str(server_port), "--port-end", str(server_port + 1),
-                                       "--tracker", f"127.0.0.1:{port}", "--key", "loopback", "--silent"]))
+                                       "--tracker", f"127.0.0.1:{port}", "--key", "loopback", "--silent"],
+                                      start_new_session=True))
         while "loopback" not in rpc.connect_tracker("127.0.0.1", port).summary().get("queue_info", {}):
             assert time.time() < deadline and procs[1].poll() is None, "the RPC server did not register"
             time.sleep(0.5)
         yield f"127.0.0.1:{port}"
-    finally:
+    finally:  # each in a session of its own: stop the worker processes they forked as well
         for proc in procs:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
 
 
