@@ -82,7 +82,8 @@ def _rewrite_conv_bn(names: NamePool, model: Model, nodes: list[gs.Node]):
     scale, beta, mean, var = (model.constant_value(t).astype(np.float64) for t in bn.inputs[1:5])
     factor = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     bias64 = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
-    new_weight = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+    new_weight = weight.astype(np.float64)
+    new_weight *= factor.reshape((-1,) + (1,) * (weight.ndim - 1))  # in place: weights can be large
     new_bias = (bias64 - mean) * factor + beta
     return _fused_conv(names, conv, bn, new_weight, new_bias, weight.dtype)
 
@@ -131,7 +132,8 @@ def _rewrite_conv_affine(names: NamePool, model: Model, nodes: list[gs.Node]):
     vector = _channel_vector(_conv_operand(model, nodes), weight.shape[0])
     bias64 = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
     if op.op == "Mul":
-        new_weight = weight.astype(np.float64) * vector.reshape((-1,) + (1,) * (weight.ndim - 1))
+        new_weight = weight.astype(np.float64)
+        new_weight *= vector.reshape((-1,) + (1,) * (weight.ndim - 1))
         return _fused_conv(names, conv, op, new_weight, bias64 * vector, weight.dtype)
     return _fused_conv(names, conv, op, weight, bias64 + vector, weight.dtype)
 
