@@ -19,17 +19,13 @@ tuned functions keep their tuned schedules).
 
 from __future__ import annotations
 
-#: conv2d layout the schedules are written for: output channels innermost in data and weights
-CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
-
-
 def prepare_passes(target) -> list:
     """Layout, legalization and fusion passes for `target`, in order (no schedules)."""
     from tvm import relax
 
     from .int8 import elementwise_qdq, integer_conv_matmul
     from .pairs import pair_convolutions
-    from .relax_rewrites import clip_to_relax_ops, fold_constants_numpy
+    from .relax_rewrites import channels_last, clip_to_relax_ops, fold_constants_numpy
 
     return [
         relax.transform.DecomposeOpsForInference(),
@@ -38,7 +34,7 @@ def prepare_passes(target) -> list:
         elementwise_qdq(),
         fold_constants_numpy(),
         clip_to_relax_ops(),
-        relax.transform.ConvertLayout(CONV_LAYOUT),
+        channels_last(),
         fold_constants_numpy(),
         pair_convolutions(target),
         relax.transform.FastMathTransform(),  # vectorizable exp/erf/tanh/softmax: libm calls are scalar

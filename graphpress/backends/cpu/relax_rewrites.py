@@ -14,11 +14,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
+log = logging.getLogger(__name__)
+
+#: conv2d layout the schedules are written for: output channels innermost in data and weights
+CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 #: the importer's Clip PrimFuncs (topi.maximum / topi.minimum through emit_te) -> the Relax op
 _CLIP_FUNCS = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
@@ -111,3 +117,22 @@ def clip_to_relax_ops():
 def fold_constants_numpy():
     """Pass: layout changes, reshapes and Clip-bound sanitizing of constants evaluated with numpy."""
     return mutator_pass(_FoldConstantsNumpy, "FoldConstantsNumpy")
+
+
+def channels_last():
+    """Pass: ConvertLayout to `CONV_LAYOUT`; a module it fails on is kept in its own layout.
+
+    TVM 0.27's layout inference rejects some graphs (the onnx wheel's light ResNet-50: "Invalid
+    SLayout"); those still compile, with NCHW convolutions the register tile does not take.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="ChannelsLast")
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        try:
+            return relax.transform.ConvertLayout(CONV_LAYOUT)(mod)
+        except tvm.error.InternalError as exc:
+            log.warning("channels-last layout conversion failed, keeping the model's layout: %s",
+                        str(exc).strip().splitlines()[-1][:200])
+            return mod
+
+    return transform
