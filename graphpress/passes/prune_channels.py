@@ -18,10 +18,10 @@ from ..ir.cost import macs, tensor_shapes
 from ..pruning.apply import apply_plan
 from ..pruning.groups import ChannelGraph, analyze
 from ..pruning.importance import channel_scores
+from ..pruning.obs import eliminate
 from ..pruning.plan import CostModel, ratios_for_target, select, uniform_ratios
 from ..pruning.reconstruct import refit_layers
 from ..pruning.report import build_report
-from ..pruning.obs import eliminate
 from ..pruning.sensitivity import sensitivity_ratios, steps_for
 from .base import Pass, PassContext, PassResult
 from .registry import register
