@@ -440,3 +440,20 @@ def test_refit_with_too_few_rows_keeps_the_pruned_weights():
     np.testing.assert_array_equal(weight(refit, "fc"), weight(plain, "fc"))
     np.testing.assert_array_equal(weight(refit, "fc", 2), weight(plain, "fc", 2))
     assert [f.error_after for f in report.reconstruction] == [f.error_before for f in report.reconstruction]
+
+
+def test_conv_transpose_is_both_a_consumer_and_a_producer():
+    b = Builder([1, 3, 8, 8])
+    y = b.node("Relu", [b.conv("x", 3, 8, "down", stride=2)])
+    up = b.node("ConvTranspose", [y, b.weight("up.w", (8, 6, 2, 2)), b.weight("up.b", (6,))], name="up",
+                kernel_shape=[2, 2], strides=[2, 2])
+    model = b.model(b.node("GlobalAveragePool", [b.conv(b.node("Relu", [up]), 6, 2, "head", k=1)]))
+    kill(model, {"down.w": [3], "down.b": [3], "up.b": [4]}, {"head.w": [4]})
+    tensors = model.graph.tensors()
+    w = np.array(tensors["up.w"].values)
+    w[3], w[:, 4] = 0, 0
+    tensors["up.w"].values = w
+    pruned, _ = prune(model, "prune-channels(ratio=0.2,reconstruct=false)")  # one channel of each group
+    np.testing.assert_array_equal(weight(pruned, "up"), np.delete(np.delete(w, 3, axis=0), 4, axis=1))
+    assert weight(pruned, "head").shape == (2, 5, 1, 1)
+    assert_same_outputs(model, pruned)

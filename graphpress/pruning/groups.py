@@ -580,17 +580,23 @@ class _Analyzer:
         self.same_space(node.outputs[0], sid)
 
     # ---- layers (MAC nodes) -----------------------------------------------------------------------------
-    def conv(self, node: gs.Node) -> None:
-        data, weight = node.inputs[0], node.inputs[1]
-        in_sid = self.space(data)
-        if not is_sliceable(self.model, weight) or (len(node.inputs) > 2 and node.inputs[2].name
-                                                     and not is_sliceable(self.model, node.inputs[2])):
+    def conv_input(self, node: gs.Node) -> tuple[bool, int | None]:
+        """For Conv / ConvTranspose: (weights and bias are sliceable constants, the input's space on axis 1)."""
+        params = [t for t in node.inputs[1:3] if t.name]
+        if not all(is_sliceable(self.model, t) for t in params):
             self.freeze_inputs(node, "its weights are not constants")
-            return
+            return False, None
+        in_sid = self.space(node.inputs[0])
         if in_sid is not None and self.cg.spaces[in_sid].axis != 1:
             self.freeze_inputs(node, "channels are not on axis 1")
             in_sid = None
-        w_shape = weight_shape(self.model, weight)
+        return True, in_sid
+
+    def conv(self, node: gs.Node) -> None:
+        ok, in_sid = self.conv_input(node)
+        if not ok:
+            return
+        w_shape = weight_shape(self.model, node.inputs[1])
         group = node.attrs.get("group", 1)
         c_in = w_shape[1] * group
         if group > 1 and group == c_in:
@@ -626,19 +632,13 @@ class _Analyzer:
             self.cg.members.append(Member(node, 2, 0, out_sid, "param"))
 
     def conv_transpose(self, node: gs.Node) -> None:
-        data, weight = node.inputs[0], node.inputs[1]
-        in_sid = self.space(data)
-        if node.attrs.get("group", 1) != 1 or not is_sliceable(self.model, weight) or (
-                len(node.inputs) > 2 and node.inputs[2].name and not is_sliceable(self.model, node.inputs[2])):
-            self.freeze_inputs(node, "grouped ConvTranspose or non-constant weights")
+        if node.attrs.get("group", 1) != 1 or "output_shape" in node.attrs:
+            self.freeze_inputs(node, "grouped ConvTranspose or explicit output_shape")
             return
-        if in_sid is not None and self.cg.spaces[in_sid].axis != 1:
-            self.freeze_inputs(node, "channels are not on axis 1")
-            in_sid = None
-        w_shape = weight_shape(self.model, weight)
-        if "output_shape" in node.attrs:
-            self.freeze_inputs(node, "explicit output_shape")
+        ok, in_sid = self.conv_input(node)
+        if not ok:
             return
+        w_shape = weight_shape(self.model, node.inputs[1])
         out_sid = self.cg.new_space(node.outputs[0], 1, w_shape[1], node.name)
         self.add_outputs(node, out_sid, weight_axis=1)
         self.cg.roots.add(out_sid)
