@@ -13,7 +13,8 @@ kernels for the int8 one) at 1 and 2 threads, each thread count in a fresh proce
 ORT fp32 and / ORT int8 (the issue's goals: <= 1.0, <= 0.5, <= 1.0).
 
 Latency is the median wall time; the machine is shared, so its load average is recorded with the
-results. Writes benchmarks/results/cpu.json and cpu.png.
+results, and at one thread the median CPU time of the calling thread is recorded too (both runtimes
+compute on it), which excludes time spent waiting for a core. Writes benchmarks/results/cpu.json and cpu.png.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +83,43 @@ def static_shapes(key: str, proto: onnx.ModelProto) -> onnx.ModelProto:
     return run_pipeline(load(proto), "fold").to_onnx()
 
 
+def thread_cpu_ms(artifact: str, repeat: int = 30) -> dict:
+    """Median CPU time of one call on the calling thread (TVM and onnxruntime, one thread each).
+
+    On one thread both runtimes compute on the caller's thread, so its CPU time is the latency
+    without the time spent waiting for a core: the figure that survives a busy shared machine.
+    Run with TVM_NUM_THREADS=1 (see `cpu_time_in_fresh_process`).
+    """
+    import onnxruntime as ort
+
+    from graphpress.backends.timing import sample_inputs
+    from graphpress.runtime import load
+
+    model = load(artifact)
+    inputs = sample_inputs(model.inputs)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.onnx_model_bytes(), options, providers=["CPUExecutionProvider"])
+    runs = {"tvm": lambda: model.run(inputs), "onnxruntime": lambda: session.run(None, inputs)}
+    times = {name: [] for name in runs}
+    for name, fn in runs.items():
+        fn()
+    for _ in range(repeat):  # interleaved, so both see the same machine
+        for name, fn in runs.items():
+            started = time.thread_time()
+            fn()
+            times[name].append((time.thread_time() - started) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def cpu_time_in_fresh_process(artifact: Path) -> dict:
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    code = "import json, sys; from benchmarks.bench_cpu import thread_cpu_ms; print(json.dumps(thread_cpu_ms(sys.argv[1])))"
+    done = subprocess.run([sys.executable, "-c", code, str(artifact)], env=env, capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def variant_entry(proto: onnx.ModelProto, out: Path) -> dict:
     from graphpress.backends import compile
 
@@ -88,6 +128,7 @@ def variant_entry(proto: onnx.ModelProto, out: Path) -> dict:
     entry = {"compile_seconds": round(time.perf_counter() - started, 2), "latency": {}}
     for threads in THREADS:
         entry["latency"][str(threads)] = measure_in_fresh_process(artifact, threads)
+    entry["thread_cpu_ms_1_thread"] = cpu_time_in_fresh_process(artifact)
     return entry
 
 
@@ -106,6 +147,10 @@ def bench_model(key: str, workdir: Path) -> dict:
         row["ratios"][t] = {"float_over_ort_fp32": row["float"]["latency"][t]["tvm"]["median_ms"] / ort_fp32,
                             "int8_over_ort_fp32": row["int8"]["latency"][t]["tvm"]["median_ms"] / ort_fp32,
                             "int8_over_ort_int8": row["int8"]["latency"][t]["tvm"]["median_ms"] / ort_int8}
+    cpu_f, cpu_q = row["float"]["thread_cpu_ms_1_thread"], row["int8"]["thread_cpu_ms_1_thread"]
+    row["ratios"]["1 (thread CPU time)"] = {"float_over_ort_fp32": cpu_f["tvm"] / cpu_f["onnxruntime"],
+                                           "int8_over_ort_fp32": cpu_q["tvm"] / cpu_f["onnxruntime"],
+                                           "int8_over_ort_int8": cpu_q["tvm"] / cpu_q["onnxruntime"]}
     return row
 
 
@@ -120,6 +165,10 @@ def print_table(report: dict) -> None:
                   f" {f['tvm']['median_ms']:9.3f} {q['tvm']['median_ms']:9.3f} {r['float_over_ort_fp32']:10.2f}"
                   f" {r['int8_over_ort_fp32']:9.2f} {r['int8_over_ort_int8']:9.2f}"
                   f" {row['float']['compile_seconds']:7.1f}/{row['int8']['compile_seconds']:.1f}")
+        f, q, r = row["float"]["thread_cpu_ms_1_thread"], row["int8"]["thread_cpu_ms_1_thread"], row["ratios"]["1 (thread CPU time)"]
+        print(f"{row['model']:13s} {'1c':>3s} {f['onnxruntime']:9.3f} {q['onnxruntime']:9.3f} {f['tvm']:9.3f} {q['tvm']:9.3f}"
+              f" {r['float_over_ort_fp32']:10.2f} {r['int8_over_ort_fp32']:9.2f} {r['int8_over_ort_int8']:9.2f}")
+    print("thr 1c: one thread, median CPU time of the calling thread (latency minus waiting for a core)")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -129,17 +178,18 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["models"]
-    fig, axes = plt.subplots(1, len(THREADS), figsize=(6 * len(THREADS), 4), sharey=True)
+    panels = [*map(str, THREADS), "1 (thread CPU time)"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), sharey=True)
     bars = [("float_over_ort_fp32", "graphpress float / ORT fp32"), ("int8_over_ort_fp32", "graphpress int8 / ORT fp32"),
             ("int8_over_ort_int8", "graphpress int8 / ORT int8")]
-    for ax, t in zip(np.atleast_1d(axes), map(str, THREADS)):
+    for ax, t in zip(np.atleast_1d(axes), panels):
         x = np.arange(len(rows))
         for i, (key, label) in enumerate(bars):
             ax.bar(x + (i - 1) * 0.27, [r["ratios"][t][key] for r in rows], 0.27, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xticks(x, [r["model"] for r in rows])
-        ax.set_title(f"batch 1, {t} thread(s): latency ratio (lower is better)")
+        ax.set_title(f"batch 1, {t} thread(s) (wall median)" if t != panels[-1] else "batch 1, 1 thread, CPU time", fontsize=9)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle(report["machine"]["cpu"], fontsize=9)
     fig.tight_layout()
