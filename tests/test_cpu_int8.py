@@ -160,3 +160,15 @@ def test_resnet8_qdq_matches_onnxruntime(tmp_path):
     integer, floating = integer_kernels(qdq)
     assert len(integer) == 9 and len(floating) == 1  # 8 convolutions and the dense layer; the 3-channel one is float
     assert_int8_matches(qdq, {"input_1": RNG.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "models" / "mobilenet_v2_1.0_224.onnx").is_file(), reason="../shared/models absent")
+def test_mobilenet_v2_qdq_matches_onnxruntime(tmp_path):
+    """Probabilities within one step of the logits' quantization grid (softmax moves them no further)."""
+    model = onnx.load(str(SHARED / "models" / "mobilenet_v2_1.0_224.onnx"))
+    calibration = [{"input_f": RNG.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)} for _ in range(4)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    integer, floating = integer_kernels(qdq)
+    assert len(integer) >= 30 and len(floating) <= 18  # depthwise convs (17) and the 3-channel stem stay float
+    assert_int8_matches(qdq, {"input_f": RNG.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)})
