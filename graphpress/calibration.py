@@ -24,6 +24,7 @@ import onnx
 
 from .errors import GraphpressError
 from .ir import Model
+from .ir.execute import fed_inputs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 #: pixel scalings by name: what `x` (0..255) becomes before mean/std
@@ -55,11 +56,8 @@ class InputSpec:
 def model_inputs(model: Model | onnx.ModelProto) -> list[InputSpec]:
     """The model's real inputs (initializers excluded)."""
     proto = model.to_onnx() if isinstance(model, Model) else model
-    initializers = {t.name for t in proto.graph.initializer}
     specs = []
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
+    for value in fed_inputs(proto):
         ttype = value.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim)
         specs.append(InputSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)), dims))

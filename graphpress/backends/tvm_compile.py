@@ -132,12 +132,11 @@ def load_onnx(model, pipeline: str | None) -> tuple[onnx.ModelProto, str, dict]:
 
 def input_specs(proto: onnx.ModelProto, shapes: dict | None, where: str) -> tuple[list[TensorSpec], dict]:
     """Graph inputs (initializers excluded) with every dimension fixed; and the symbolic dims bound."""
+    from ..ir.execute import fed_inputs
+
     shapes = dict(shapes or {})
-    initializers = {t.name for t in proto.graph.initializer}
     specs, bound = [], {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
+    for value in fed_inputs(proto):
         tensor_type = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise BackendError(f"{where}: input {value.name!r} is not a tensor; TVM artifacts take tensor inputs only")

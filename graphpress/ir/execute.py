@@ -57,11 +57,8 @@ def random_inputs(model: Model | onnx.ModelProto, dims: dict[str, int] | None = 
     """Inputs matching the model's input specs; symbolic dims take `dims[name]` or `default_dim`."""
     proto = model.to_onnx() if isinstance(model, Model) else model
     rng = np.random.default_rng(seed)
-    initializers = {t.name for t in proto.graph.initializer}
     result = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
+    for value in fed_inputs(proto):
         ttype = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise GraphpressError(f"input {value.name!r} is not a tensor; give inputs explicitly")
@@ -74,6 +71,12 @@ def random_inputs(model: Model | onnx.ModelProto, dims: dict[str, int] | None = 
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         result[value.name] = _random_array(rng, shape, dtype)
     return result
+
+
+def fed_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (old IR versions also list initializers as inputs: those are left out)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    return [value for value in proto.graph.input if value.name not in initializers]
 
 
 def _random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:

@@ -20,6 +20,8 @@ log = logging.getLogger("graphpress.ir")
 def infer_shapes(model: Model, data_prop: bool = True) -> Model:
     """Return `model` with value shapes and dtypes filled in wherever onnx can infer them."""
     proto = model.to_onnx()
+    # IR < 4 lets onnx ignore initializers that are not also listed as graph inputs: infer as IR 4
+    proto.ir_version = max(proto.ir_version, 4)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
                                                      data_prop=data_prop)
@@ -27,6 +29,7 @@ def infer_shapes(model: Model, data_prop: bool = True) -> Model:
         log.info("shape inference stopped early: %s", exc)
         return model
     result = Model.from_onnx(inferred)
+    result.graph.ir_version = model.graph.ir_version
     result.proto_fields, result.node_docs = model.proto_fields, model.node_docs
     return result
 
