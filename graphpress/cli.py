@@ -126,14 +126,14 @@ def cmd_optimize(args) -> int:
     manager = PassManager(args.pipeline, instruments=[Checker()] if args.verify else [])
     model = load(source)
     reference = model.to_onnx() if args.check else None
-    before = summarize(model)
+    before = summarize(model, size_bytes=_file_size(source))
     start = time.perf_counter()
     manager.run(model, calibration=calibration_from_args(args, model))
     elapsed = time.perf_counter() - start
     save(model, output)
     print_pass_table(manager.records)
     print()
-    print_before_after(before, summarize(model), elapsed)
+    print_before_after(before, summarize(model, size_bytes=_file_size(output)), elapsed)
     print(f"\nwrote {output}")
     if reference is None:
         return 0
@@ -144,6 +144,12 @@ def cmd_optimize(args) -> int:
         print(f"graphpress: outputs differ by more than rtol {args.check_rtol}", file=sys.stderr)
         return 1
     return 0
+
+
+def _file_size(path: Path) -> int:
+    """A model file's size on disk, with its external-data file if it has one."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def print_pass_table(records) -> None:

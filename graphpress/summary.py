@@ -27,7 +27,8 @@ class ModelSummary:
         return sum(self.macs.values())
 
 
-def summarize(model: Model) -> ModelSummary:
+def summarize(model: Model, size_bytes: int | None = None) -> ModelSummary:
+    """The model's facts; `size_bytes` (e.g. the file's size) saves serializing the model to measure it."""
     ops = Counter(node.op for node in model.nodes())
 
     def spec(tensor):
@@ -37,7 +38,7 @@ def summarize(model: Model) -> ModelSummary:
         nodes=sum(ops.values()),
         ops=dict(ops.most_common()),
         parameters=model.parameter_count(),
-        size_bytes=model_size_bytes(model),
+        size_bytes=model_size_bytes(model) if size_bytes is None else size_bytes,
         inputs=[spec(t) for t in model.graph.inputs],
         outputs=[spec(t) for t in model.graph.outputs],
         opset=model.opset,

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .model import Model
-from .shapes import infer_shapes
+from .standalone import inferred_types
 
 
 @dataclass
@@ -28,13 +28,13 @@ class MacCount:
 def macs(model: Model) -> MacCount:
     """Count the MACs of every Conv, ConvTranspose, Gemm and MatMul (per sample) in the main graph.
 
-    Shapes come from onnx shape inference on a copy; a node whose shapes stay unknown counts 0.
-    Unnamed nodes are listed as `<op>#<index>`.
+    Shapes come from onnx shape inference on the weightless skeleton (milliseconds, no copy of the
+    weights); a node whose shapes stay unknown counts 0. Unnamed nodes are listed as `<op>#<index>`.
     """
-    inferred = infer_shapes(model)
-    shapes = tensor_shapes(inferred)
+    shapes = tensor_shapes(model)
+    shapes.update({name: tuple(dims) for name, (_, dims) in inferred_types(model).items() if dims is not None})
     count = MacCount()
-    for index, node in enumerate(inferred.graph.nodes):
+    for index, node in enumerate(model.graph.nodes):
         value = node_macs(node, shapes)
         if not value:
             continue

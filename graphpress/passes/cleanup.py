@@ -21,7 +21,7 @@ from .base import Pass, PassContext, PassResult
 from .nodes import dropout_is_inference, has_subgraph, is_deterministic, output_ids, rewire, tidy
 from .pattern import in_default_domain
 from .registry import register
-from .standalone import annotate_shapes
+from ..ir.standalone import annotate_shapes
 
 
 @register("eliminate-dead")

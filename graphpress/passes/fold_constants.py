@@ -18,7 +18,7 @@ from .base import Pass, PassContext, PassResult
 from .nodes import has_subgraph, is_deterministic, replace_with_constant, tidy
 from .pattern import in_default_domain
 from .registry import register
-from .standalone import evaluate
+from ..ir.standalone import evaluate
 
 #: (op, input index) slots that hold a layer's parameters. A folded value read only there IS a weight
 #: (e.g. made by ConstantOfShape in a weightless export), so the size limit does not stop it.

@@ -18,7 +18,7 @@ from .base import Pass, PassContext, PassResult
 from .nodes import replace_with_constant, tidy
 from .pattern import in_default_domain
 from .registry import register
-from .standalone import annotate_shapes
+from ..ir.standalone import annotate_shapes
 
 
 @register("fold-shapes")

@@ -21,7 +21,7 @@ from .base import Pass, PassContext, PassResult
 from .nodes import NamePool, c_order
 from .pattern import Rule, apply_rules
 from .registry import register
-from .standalone import annotate_shapes
+from ..ir.standalone import annotate_shapes
 
 FLOAT_KINDS = "f"
 

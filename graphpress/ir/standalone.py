@@ -21,9 +21,10 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 
 from ..errors import GraphpressError
-from ..ir import Model, session
+from .execute import session
+from .model import Model
 
-log = logging.getLogger("graphpress.passes")
+log = logging.getLogger("graphpress.ir")
 
 #: constants up to this many elements stay initializers in the skeleton (shape inference reads their
 #: values, e.g. a Reshape's target shape); larger ones become typed graph inputs
