@@ -27,9 +27,10 @@ from .measure import StageMeasure, latency_ms, measure_model
 from .search import Knob, SearchLog, Trial, most_aggressive_within
 
 DEFAULT_KNOBS = (
-    Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))),
-    Knob("svd", tuple(f"svd-split(energy={e})" for e in (0.995, 0.99, 0.98, 0.95, 0.9))),
-    Knob("int8", ("insert-qdq(keep-float=auto)", "insert-qdq")),
+    Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)), 0.3),
+    # plain SVD: whitened factors carry large weights on low-variance inputs and quantize badly (issue 5 note)
+    Knob("svd", tuple(f"svd-split(energy={e},method=plain)" for e in (0.995, 0.99, 0.98, 0.95, 0.9)), 0.5),
+    Knob("int8", ("insert-qdq(keep-float=auto)", "insert-qdq"), 1.0),
 )
 #: every HOLDOUT_EVERY-th calibration batch is held out for the agreement metric when no --eval is given
 HOLDOUT_EVERY = 4
@@ -64,9 +65,10 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
     search = SearchLog()
     for knob in knobs:
         start = time.perf_counter()
-        chosen, candidates = _search_knob(knob, current, calibration, evaluator, floor, search, log)
+        stage_floor = stages[0].metric - budget * knob.budget_share
+        chosen, candidates = _search_knob(knob, current, calibration, evaluator, stage_floor, search, log)
         if chosen is None:
-            log(f"{knob.stage}: every setting falls below the floor; stage skipped")
+            log(f"{knob.stage}: every setting falls below its floor {stage_floor:.4f}; stage skipped")
             continue
         current = candidates[chosen]
         pipeline.append(chosen)
@@ -121,8 +123,8 @@ def _search_knob(knob: Knob, current: Model, calibration, evaluator: Evaluator, 
         metric = evaluator(OnnxRunnable(candidate))
         size = model_size_bytes(candidate)
         search.trials.append(Trial(knob.stage, setting, size, metric))
-        log(f"{knob.stage}: {setting}: metric {metric:.4f}, {size / 1e6:.3f} MB "
-            f"{'within' if metric >= floor else 'below'} floor")
+        log(f"{knob.stage}: {setting}: metric {metric:.4f}, {size / 1e6:.3f} MB, "
+            f"{'within' if metric >= floor else 'below'} the stage floor {floor:.4f}")
         return metric
 
     chosen = most_aggressive_within(knob.settings, score, floor)

@@ -14,10 +14,16 @@ from typing import Callable, Sequence
 
 @dataclass(frozen=True)
 class Knob:
-    """A compression stage and its candidate pipelines, ordered from mild to aggressive."""
+    """A compression stage and its candidate pipelines, ordered from mild to aggressive.
+
+    `budget_share` is the share of the accuracy budget the model may have spent once this stage is done
+    (cumulative): an early stage that took the whole budget would leave quantization, which shrinks the
+    model the most for the least accuracy, nothing to work with.
+    """
 
     stage: str
     settings: tuple[str, ...]
+    budget_share: float = 1.0
 
 
 @dataclass
