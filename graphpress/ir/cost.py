@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .model import Model
+from .model import Model, in_default_domain
 from .standalone import inferred_types
 
 
@@ -53,7 +53,7 @@ def tensor_shapes(model: Model) -> dict[str, tuple]:
 def node_macs(node: gs.Node, shapes: dict[str, tuple]) -> int:
     """MACs of one node given tensor shapes by name (0 for ops that are not counted or unknown shapes)."""
     counter = _COUNTERS.get(node.op)
-    if counter is None or node.domain not in (None, "", "ai.onnx"):
+    if counter is None or not in_default_domain(node):
         return 0
     try:
         dims = [_per_sample(shapes.get(t.name)) if t.name else None for t in node.inputs]

@@ -165,6 +165,11 @@ class Model:
         return f"<Model {self.graph.name!r}: {len(self.graph.nodes)} nodes, opset {self.graph.opset}>"
 
 
+def in_default_domain(node: gs.Node) -> bool:
+    """True for nodes of the standard ONNX operator set (gs leaves the domain of built nodes as None)."""
+    return node.domain in (None, "", "ai.onnx")
+
+
 def _subgraphs(node: gs.Node) -> list[gs.Graph]:
     subs = []
     for value in node.attrs.values():

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir import Model
+from ..ir.model import in_default_domain
 from .conv import ConvGeometry, conv_matrix, pointwise_weight, spatial_weight
 
 #: provenance recorded on the nodes this package creates
@@ -175,7 +176,7 @@ class ConvSite(Site):
 
 def find_site(model: Model, node: gs.Node) -> Site | str:
     """The factorable view of `node`, or the reason it has none."""
-    if node.domain not in (None, "", "ai.onnx"):
+    if not in_default_domain(node):
         return f"op in domain {node.domain!r}"
     finder = _FINDERS.get(node.op)
     if finder is None:
@@ -189,7 +190,7 @@ def _weight(model: Model, tensor: gs.Tensor) -> tuple[gs.Tensor, np.ndarray, boo
     if value is not None:
         return tensor, value, False, []
     producer = model.producer(tensor)
-    if producer is None or producer.op != "Transpose" or producer.domain not in (None, "", "ai.onnx"):
+    if producer is None or producer.op != "Transpose" or not in_default_domain(producer):
         return None
     source = producer.inputs[0]
     value = model.constant_value(source)

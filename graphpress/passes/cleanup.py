@@ -19,7 +19,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from ..ir import Model
 from .base import Pass, PassContext, PassResult
 from .nodes import dropout_is_inference, has_subgraph, is_deterministic, output_ids, rewire, tidy
-from .pattern import in_default_domain
+from ..ir.model import in_default_domain
 from .registry import register
 from ..ir.standalone import annotate_shapes
 

@@ -16,7 +16,7 @@ from ..errors import GraphpressError
 from ..ir import Model
 from .base import Pass, PassContext, PassResult
 from .nodes import has_subgraph, is_deterministic, replace_with_constant, tidy
-from .pattern import in_default_domain
+from ..ir.model import in_default_domain
 from .registry import register
 from ..ir.standalone import evaluate
 

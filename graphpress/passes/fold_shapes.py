@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from ..ir import Model
 from .base import Pass, PassContext, PassResult
 from .nodes import replace_with_constant, tidy
-from .pattern import in_default_domain
+from ..ir.model import in_default_domain
 from .registry import register
 from ..ir.standalone import annotate_shapes
 

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from ..ir import Model
 from .base import Pass, PassContext, PassResult
 from .nodes import NamePool, output_ids, rewire, tidy
-from .pattern import in_default_domain
+from ..ir.model import in_default_domain
 from .registry import register
 
 

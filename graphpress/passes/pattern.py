@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import onnx_graphsurgeon as gs
 
 from ..ir import Model, replace_uses
+from ..ir.model import in_default_domain
 from .base import PassContext
 
 Check = Callable[[Model, list[gs.Node]], "str | None"]
@@ -36,11 +37,6 @@ class Rule:
     ops: tuple[str, ...]
     check: Check
     rewrite: Rewrite
-
-
-def in_default_domain(node: gs.Node) -> bool:
-    """True for nodes of the standard ONNX operator set."""
-    return node.domain in (None, "", "ai.onnx")
 
 
 def match_chain(model: Model, start: gs.Node, ops: Sequence[str]) -> tuple[list[gs.Node] | None, str]:

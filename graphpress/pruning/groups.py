@@ -30,6 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir import Model
+from ..ir.model import in_default_domain
 from .weights import is_sliceable, weight_shape
 
 #: ops whose output 0 has the input 0's channels unchanged, whatever the channel axis
@@ -307,7 +308,7 @@ class _Analyzer:
 
     # ---- dispatch ---------------------------------------------------------------------------------------
     def visit(self, node: gs.Node) -> None:
-        if node.domain not in (None, "", "ai.onnx"):
+        if not in_default_domain(node):
             self.freeze_inputs(node, f"op {node.domain}.{node.op} is not understood")
             return
         rule = _RULES.get(node.op)
