@@ -30,7 +30,10 @@ DEFAULT_KNOBS = (
     Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)), 0.3),
     # plain SVD: whitened factors carry large weights on low-variance inputs and quantize badly (issue 5 note)
     Knob("svd", tuple(f"svd-split(energy={e},method=plain)" for e in (0.995, 0.99, 0.98, 0.95, 0.9)), 0.5),
-    Knob("int8", ("insert-qdq(keep-float=auto)", "insert-qdq"), 1.0),
+    # mild to aggressive: the transformer recipe (only Linear MatMuls and embedding tables int8, SmoothQuant
+    # first; measured on MiniLM), layers kept float by sensitivity, everything int8
+    Knob("int8", ("smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)",
+                  "insert-qdq(keep-float=auto)", "insert-qdq"), 1.0),
 )
 #: every HOLDOUT_EVERY-th calibration batch is held out for the agreement metric when no --eval is given
 HOLDOUT_EVERY = 4
