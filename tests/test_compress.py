@@ -80,3 +80,49 @@ def test_bad_eval_specs_have_clear_errors(tmp_path, monkeypatch, spec, message):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(GraphpressError, match=message):
         load_evaluator(spec)
+
+
+def test_compress_respects_the_budget_and_reports_every_stage(tmp_path):
+    """End to end on the shipped digits CNN with its real held-out data (no compile: that is tested in
+    the backend tests and the demo)."""
+    from graphpress.compress import compress
+    from graphpress.examples import evaluate_top1, example_data, example_model_path
+    calibration, _, _ = example_data()
+    budget = 0.01
+    result = compress(example_model_path(), calibration, tmp_path, evaluator=evaluate_top1, budget=budget,
+                      target=None, metric_name="top-1", log=lambda line: None)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pipeline"] == result["pipeline"] and report["pipeline"].startswith("fold")
+    stages = [s["stage"] for s in report["stages"]]
+    assert stages[:2] == ["float", "fold"] and set(stages[2:]) <= {"prune", "svd", "int8"}
+    final = report["stages"][-1]
+    assert final["metric"] >= report["float_metric"] - budget
+    # the metric recorded for the written model is the model's real metric
+    assert evaluate_top1(tmp_path / "model.onnx") == pytest.approx(final["metric"])
+    assert final["size_bytes"] < report["stages"][0]["size_bytes"]
+    accepted = [t for t in report["search"]["trials"] if t["accepted"]]
+    assert all(t["metric"] >= report["float_metric"] - budget for t in accepted)
+    assert report["search"]["pareto_front"]
+    html = (tmp_path / "report.html").read_text()
+    assert "Per stage" in html and html.count("data:image/png;base64,") == 2
+    assert (tmp_path / "stages.png").stat().st_size > 0 and (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_compress_cli_with_a_user_metric_file(tmp_path):
+    """`graphpress compress --eval file.py:function` on .npz calibration data; a zero budget keeps the metric."""
+    from graphpress.cli import main
+    from graphpress.examples import example_data, example_model_path
+    calibration, _, _ = example_data()
+    np.savez(tmp_path / "calib.npz", input=np.concatenate([b["input"] for b in calibration]))
+    (tmp_path / "metric.py").write_text(textwrap.dedent("""
+        from graphpress.examples import evaluate_top1
+        def top1(model):
+            return evaluate_top1(model)
+    """))
+    out = tmp_path / "out"
+    code = main(["compress", str(example_model_path()), "--calib", str(tmp_path / "calib.npz"),
+                 "--eval", f"{tmp_path / 'metric.py'}:top1", "--budget", "0%", "--target", "none", "-o", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][-1]["metric"] >= report["float_metric"]
+    assert (out / "model.onnx").exists() and "artifact" not in report
