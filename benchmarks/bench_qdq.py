@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import realdata
-from graphpress.ir import load, model_size_bytes, save
+from graphpress.ir import load, save
 from graphpress.passes import PassManager
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -35,13 +35,15 @@ class StageMeasure:
 
 
 def measure_model(stage: str, pipeline: str, model: Model, evaluator: Evaluator | None,
-                  seconds: float = 0.0, threads: int = 1) -> StageMeasure:
-    """Measure an ONNX model: static facts, onnxruntime latency at batch 1, and the metric."""
+                  seconds: float = 0.0, threads: int = 1, metric: float | None = None) -> StageMeasure:
+    """Measure an ONNX model: static facts, onnxruntime latency at batch 1, and the metric (computed by
+    `evaluator`, or `metric` when the caller already scored this model)."""
     summary = summarize(model)
     runnable = OnnxRunnable(model, threads=threads)
+    if evaluator is not None:
+        metric = evaluator(runnable)
     return StageMeasure(stage, pipeline, summary.size_bytes, summary.parameters, summary.total_macs, summary.nodes,
-                        latency_ms(runnable, random_inputs(model, seed=1)),
-                        evaluator(runnable) if evaluator else None, seconds)
+                        latency_ms(runnable, random_inputs(model, seed=1)), metric, seconds)
 
 
 def latency_ms(runnable: Runnable, inputs: dict[str, np.ndarray]) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import BackendError, GraphpressError
 from ..ir import Model, load, save
 from ..machine import describe
+from ..summary import summarize
 from ..ir.execute import model_size_bytes
 from ..passes import PassManager
 from . import report
@@ -60,7 +61,7 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
     floor = stages[0].metric - budget
     log(f"float: {metric_name} {stages[0].metric:.4f}; budget {budget:.4f} → floor {floor:.4f}")
 
-    current, pipeline = original, ["fold"]
+    pipeline = ["fold"]
     start = time.perf_counter()
     current = _apply(original, "fold", calibration)
     stages.append(measure_model("fold", "fold", current, evaluator, time.perf_counter() - start, threads))
@@ -69,14 +70,14 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
     for knob in knobs:
         start = time.perf_counter()
         stage_floor = stages[0].metric - budget * knob.budget_share
-        chosen, candidates = _search_knob(knob, current, calibration, evaluator, stage_floor, search, log)
+        chosen = _search_knob(knob, current, calibration, evaluator, stage_floor, search, log)
         if chosen is None:
             log(f"{knob.stage}: every setting falls below its floor {stage_floor:.4f}; stage skipped")
             continue
-        current = candidates[chosen]
-        pipeline.append(chosen)
-        stages.append(measure_model(knob.stage, ",".join(pipeline), current, evaluator,
-                                    time.perf_counter() - start, threads))
+        setting, current, metric = chosen
+        pipeline.append(setting)
+        stages.append(measure_model(knob.stage, ",".join(pipeline), current, None,
+                                    time.perf_counter() - start, threads, metric=metric))
 
     final_path = save(current, output_dir / "model.onnx")
     result = {
@@ -116,14 +117,16 @@ def _apply(model: Model, pipeline: str, calibration) -> Model:
 
 
 def _search_knob(knob: Knob, current: Model, calibration, evaluator: Evaluator, floor: float,
-                 search: SearchLog, log) -> tuple[str | None, dict[str, Model]]:
+                 search: SearchLog, log) -> tuple[str, Model, float] | None:
+    """The most aggressive setting within `floor`, with its model and metric; None if none is."""
     from .evaluate import OnnxRunnable
-    candidates: dict[str, Model] = {}
+    passing: dict[str, tuple[Model, float]] = {}  # only candidates within the floor are kept in memory
 
     def score(setting: str) -> float:
         candidate = _apply(current, setting, calibration)
-        candidates[setting] = candidate
         metric = evaluator(OnnxRunnable(candidate))
+        if metric >= floor:
+            passing[setting] = (candidate, metric)
         size = model_size_bytes(candidate)
         search.trials.append(Trial(knob.stage, setting, size, metric))
         log(f"{knob.stage}: {setting}: metric {metric:.4f}, {size / 1e6:.3f} MB, "
@@ -131,10 +134,12 @@ def _search_knob(knob: Knob, current: Model, calibration, evaluator: Evaluator, 
         return metric
 
     chosen = most_aggressive_within(knob.settings, score, floor)
+    if chosen is None:
+        return None
     for trial in search.trials:
         if trial.stage == knob.stage and trial.pipeline == chosen:
             trial.accepted = True
-    return chosen, candidates
+    return chosen, *passing[chosen]
 
 
 class CompiledRunnable:
@@ -162,9 +167,9 @@ def _compile_stage(model: Model, target: str, path: Path, pipeline: str, evaluat
     seconds = time.perf_counter() - start
     runnable: Runnable = CompiledRunnable(path)
     sample = {k: v[:1] for k, v in random_inputs(model, seed=1).items()}
-    static = measure_model("compiled", pipeline, model, None, threads=threads)
-    return StageMeasure(f"{target} artifact", pipeline, _tree_size(path), static.parameters, static.macs, static.nodes,
-                        latency_ms(runnable, sample), evaluator(runnable), seconds)
+    static = summarize(model, size_bytes=0)  # the model's own facts; the size is the artifact's
+    return StageMeasure(f"{target} artifact", pipeline, _tree_size(path), static.parameters, static.total_macs,
+                        static.nodes, latency_ms(runnable, sample), evaluator(runnable), seconds)
 
 
 def _tree_size(path: Path) -> int:
