@@ -206,10 +206,25 @@ def _values_of(constant: gs.Constant) -> np.ndarray:
     return np.asarray(constant.values)
 
 
+#: numpy (ml_dtypes) types that ONNX stores packed, several values per byte
+SUB_BYTE_TYPES = ("int4", "uint4", "float4_e2m1fn")
+
+
+def _pack_sub_byte_constants(model: "Model") -> None:
+    """Hand gs the TensorProto of every loaded 4-bit constant: gs writes a constant's numpy bytes as
+    its raw data, one byte per value, which ONNX rejects for 4-bit types (two values per byte)."""
+    for graph in model.graphs():
+        for tensor in graph.tensors().values():
+            if (isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues)
+                    and np.dtype(tensor.dtype).name in SUB_BYTE_TYPES):
+                tensor._values = LazyValues(onnx.numpy_helper.from_array(np.asarray(tensor.values), tensor.name))
+
+
 def _export_with_optional_types(model: "Model") -> onnx.ModelProto:
     """`gs.export_onnx`, which fails on optional-typed inputs/outputs/values (gs imports them with the
     element's TypeProto as dtype but cannot write them back): those are exported untyped, then their
-    optional type is written into the ValueInfoProtos by name."""
+    optional type is written into the ValueInfoProtos by name. 4-bit constants are packed first."""
+    _pack_sub_byte_constants(model)
     optional = {t.name: t for g in model.graphs() for t in g.tensors().values()
                 if isinstance(t, gs.Variable) and getattr(t, "type", None) == "optional_type"}
     element_types = {name: t.dtype for name, t in optional.items()}

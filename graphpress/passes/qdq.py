@@ -13,6 +13,7 @@ weights so that quantization loses less; `keep-float=auto` keeps the most sensit
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterable, Literal
 
@@ -24,6 +25,7 @@ from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.equalize import equalize
 from ..quant.insert import Names, existing_parameters, insert_qdq, store_bias, store_weight
+from ..quant.lowbit import INT4_OPSET, StoredWeight, choose_int4, round_weights
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import scale_zero_point
 from ..quant.sensitivity import OutputProbe, choose_float_nodes, rank_by_sensitivity
@@ -75,6 +77,9 @@ class InsertQdq(Pass):
     outputs: bool = True                              # quantize outputs of quantized ops (false: float outputs)
     reduce_range: bool = False                        # 7-bit weights: exact in onnxruntime's AVX2 (non-VNNI) kernels
     bias_correction: bool = False                     # fold the mean output shift of weight rounding into biases
+    rounding: Literal["nearest", "gptq"] = "nearest"  # weight rounding: to nearest, or GPTQ on input statistics
+    int4_share: float = 0.0                           # share of weight parameters stored in 4 bits (opset 21)
+    gptq_batches: int = 32                            # rounding=gptq: calibration batches for input statistics
 
     keep_float: list[str] | None = None               # node names kept float, or [auto]: most sensitive first
     target_sqnr: float = 30.0                         # keep-float=auto: output SQNR (dB) to reach
@@ -89,29 +94,53 @@ class InsertQdq(Pass):
                          activation_matmul=self.activation_matmul, outputs=self.outputs)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not 0.0 <= self.int4_share <= 1.0:
+            raise GraphpressError(f"insert-qdq: int4-share={self.int4_share} is not a share between 0 and 1")
+        if self.bias_correction and (self.int4_share > 0 or self.rounding != "nearest"):
+            raise GraphpressError("insert-qdq: bias-correction estimates int8 round-to-nearest error; it does not "
+                                  "combine with int4-share or rounding=gptq")
         dtypes = tensor_dtypes(model)
         plan = self.make_plan(model, dtypes, ctx)
         if plan.empty():
             return PassResult(changed=False, stats={"nodes": 0})
-        if model.opset < QDQ_OPSET:
-            ensure_opset(model, QDQ_OPSET, ctx)
+        opset = INT4_OPSET if self.int4_share > 0 else QDQ_OPSET
+        if model.opset < opset:
+            ensure_opset(model, opset, ctx)
             dtypes = tensor_dtypes(model)
             plan = self.make_plan(model, dtypes, ctx)
+        if model.opset >= INT4_OPSET and self.activation_type == "int8":
+            # onnxruntime 1.32 on x86 rewrites int8 activations to uint8 (QDQS8ToU8Transformer) and, at opset
+            # 21, then fails its own type check on a QuantizeLinear that QDQPropagation made; uint8 avoids it
+            ctx.log.warning("insert-qdq: opset %d model: uint8 activations (onnxruntime rejects int8 ones here)",
+                            model.opset)
+            return dataclasses.replace(self, activation_type="uint8").run(model, ctx)
         if self.bias_correction and plan.weights:
             batches = require_calibration(ctx.calibration, "insert-qdq(bias-correction=true)")
             if correct_biases(model, plan.weights, batches, self.reduce_range):
                 plan = self.make_plan(model, dtypes, ctx)  # Convs without a bias now have one
         ranges = self.activation_ranges(model, plan, ctx) if plan.activations or plan.shared else {}
+        rounded = self.rounded_weights(model, plan, ctx)
         stats = {}
         keep = list(self.keep_float or ())
         if keep == ["auto"]:
-            keep, stats = self.most_sensitive(model, dtypes, plan, ranges, ctx)
+            keep, stats = self.most_sensitive(model, dtypes, plan, ranges, rounded, ctx)
         if keep:
             plan = self.make_plan(model, dtypes, ctx, keep)
-        self.apply(model, plan, ranges)
+        self.apply(model, plan, ranges, rounded)
+        int4 = sum(1 for name in plan.weights if name in rounded and rounded[name].q.dtype.name == "int4")
         return PassResult(changed=True, stats={"nodes": len(plan.nodes), "activations": len(plan.activations),
-                                               "weights": len(plan.weights), "biases": len(plan.biases),
-                                               "float": len(keep), **stats})
+                                               "weights": len(plan.weights), "int4_weights": int4,
+                                               "biases": len(plan.biases), "float": len(keep), **stats})
+
+    def rounded_weights(self, model: Model, plan: QuantPlan, ctx: PassContext) -> dict[str, StoredWeight]:
+        """Weights rounded here rather than to nearest int8 by `apply`: 4-bit ones and GPTQ's."""
+        if self.int4_share <= 0 and self.rounding == "nearest":
+            return {}
+        batches = require_calibration(ctx.calibration, "insert-qdq (int4-share / rounding=gptq)")
+        bits = choose_int4(model, plan.weights, self.int4_share, batches, self.sensitivity_batches, ctx.log) \
+            if self.int4_share > 0 else {}
+        return round_weights(model, plan.weights, bits, self.reduce_range,
+                             batches if self.rounding == "gptq" else None, self.gptq_batches, ctx.log)
 
     def make_plan(self, model: Model, dtypes, ctx: PassContext, keep_float: Iterable[str] = ()) -> QuantPlan:
         return make_plan(model, dtypes, self.selection(keep_float), self.per_channel, ctx.log)
@@ -122,15 +151,17 @@ class InsertQdq(Pass):
         return collect_ranges(model, plan.activations + list(plan.shared), batches, self.method, self.activation_type,
                               self.symmetric_activations, self.percentile * (100 if self.percentile <= 1 else 1))
 
-    def apply(self, model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> None:
-        apply_plan(model, plan, ranges, self.activation_type, self.symmetric_activations, self.reduce_range)
+    def apply(self, model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]],
+              rounded: dict[str, StoredWeight] | None = None) -> None:
+        apply_plan(model, plan, ranges, self.activation_type, self.symmetric_activations, self.reduce_range,
+                   rounded)
 
-    def most_sensitive(self, model: Model, dtypes, plan: QuantPlan, ranges, ctx: PassContext
+    def most_sensitive(self, model: Model, dtypes, plan: QuantPlan, ranges, rounded, ctx: PassContext
                        ) -> tuple[list[str], dict]:
         """keep-float=auto: the nodes to keep float (sensitivity-ranked) and what was measured."""
         def build(float_nodes: set[str]) -> Model:
             variant = model.copy()
-            self.apply(variant, self.make_plan(variant, dtypes, ctx, float_nodes), ranges)
+            self.apply(variant, self.make_plan(variant, dtypes, ctx, float_nodes), ranges, rounded)
             return variant
 
         probe = OutputProbe(model, ctx.calibration, self.sensitivity_batches)
@@ -142,8 +173,10 @@ class InsertQdq(Pass):
 
 
 def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, float]], activation_type: str,
-               symmetric: bool, reduce_range: bool = False) -> None:
-    """Edit `model` as `plan` says, with activation `ranges` from calibration."""
+               symmetric: bool, reduce_range: bool = False, rounded: dict[str, StoredWeight] | None = None) -> None:
+    """Edit `model` as `plan` says, with activation `ranges` from calibration; weights in `rounded`
+    are stored as given (4-bit, GPTQ), the others rounded to nearest int8."""
+    rounded = rounded or {}
     tensors = model.tensors()
     names = Names(model)
     params = {name: scale_zero_point(*ranges[name], activation_type, symmetric) for name in plan.activations}
@@ -152,7 +185,11 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
         if found is None:
             raise GraphpressError(f"tensor {source!r}: no quantization parameters to share with {output!r}")
         params[output] = found
-    weight_scales = {name: store_weight(model, names, tensors[name], axis, reduce_range) for name, axis in plan.weights.items()}
+    weight_scales = {}
+    for name, axis in plan.weights.items():
+        stored = rounded.get(name)
+        weight_scales[name] = store_weight(model, names, tensors[name], axis, reduce_range,
+                                           None if stored is None else (stored.q, stored.scale, stored.zero_point))
     for name, bias in plan.biases.items():
         source = params.get(bias.activation) or existing_parameters(tensors[bias.activation])
         if source is not None:

@@ -106,13 +106,14 @@ def _dequantized_constant(model: Model, names: Names, tensor: gs.Tensor, q: np.n
                                      attrs=attrs, inputs=inputs, outputs=[output]))
 
 
-def store_weight(model: Model, names: Names, tensor: gs.Tensor, axis: int | None, reduce_range: bool = False
-                 ) -> np.ndarray:
-    """Store constant `tensor` as symmetric int8 (per channel along `axis`); returns its scale."""
+def store_weight(model: Model, names: Names, tensor: gs.Tensor, axis: int | None, reduce_range: bool = False,
+                 rounded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Store constant `tensor` as symmetric int8 (per channel along `axis`), or as the already `rounded`
+    (q, scale, zero point) given; returns its scale."""
     value = model.constant_value(tensor).astype(np.float32)
     if axis is not None and value.ndim == 0:
         axis = None
-    q, scale, zero_point = quantize_weight(value, axis, reduce_range)
+    q, scale, zero_point = rounded if rounded is not None else quantize_weight(value, axis, reduce_range)
     _dequantized_constant(model, names, tensor, q, scale, zero_point, axis)
     return scale
 

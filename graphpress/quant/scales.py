@@ -11,15 +11,18 @@ integer range. Arrays of ranges give per-channel parameters.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 #: integer range of each quantized type
-QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1)}
-#: numpy dtype of each quantized type
-NP_DTYPE = {"int8": np.int8, "uint8": np.uint8, "int32": np.int32}
+QRANGE = {"int4": (-8, 7), "int8": (-128, 127), "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1)}
+#: numpy dtype of each quantized type (int4: ml_dtypes' one-byte-per-value int4, packed two per byte in ONNX)
+NP_DTYPE = {"int4": ml_dtypes.int4, "int8": np.int8, "uint8": np.uint8, "int32": np.int32}
 #: levels either side of the symmetric zero point (full 8-bit range, and 7-bit "reduced range")
 SYMMETRIC_HALF_LEVELS = 127
 REDUCED_HALF_LEVELS = 63
+#: levels either side of zero of symmetric 4-bit weights ([-7, 7], like int8's [-127, 127])
+INT4_HALF_LEVELS = 7
 
 
 def scale_zero_point(rmin, rmax, qtype: str = "int8", symmetric: bool = False,
@@ -57,11 +60,17 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 def quantize(x: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
     """QuantizeLinear: round half to even, add the zero point, saturate to its type."""
     zero_point = np.asarray(zero_point)
-    qmin, qmax = np.iinfo(zero_point.dtype).min, np.iinfo(zero_point.dtype).max
+    qmin, qmax = integer_limits(zero_point.dtype)
     s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
     z = _broadcast(zero_point.astype(np.int64), x.ndim, axis)
     q = np.rint(np.asarray(x, dtype=np.float32) / s) + z
     return np.clip(q, qmin, qmax).astype(zero_point.dtype)
+
+
+def integer_limits(dtype) -> tuple[int, int]:
+    """Smallest and largest value of an integer dtype, ml_dtypes' int4 included."""
+    info = ml_dtypes.iinfo(dtype) if np.dtype(dtype) == np.dtype(ml_dtypes.int4) else np.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
 def dequantize(q: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
@@ -84,16 +93,49 @@ def channel_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndar
     return w.min(axis=others), w.max(axis=others)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool = False
+def quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool = False, bits: int = 8
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Symmetric int8 weight quantization, per channel along `axis` or per tensor: (q, scale, zero point).
+    """Symmetric weight quantization, per channel along `axis` or per tensor: (q, scale, zero point).
 
-    `reduce_range` uses 7 bits ([-63, 63]): onnxruntime's x86 kernels without VNNI add pairs of
-    uint8 x int8 products in int16, which saturates with full-range weights.
+    8 bits: int8 in [-127, 127]; `reduce_range` uses 7 bits ([-63, 63]): onnxruntime's x86 kernels
+    without VNNI add pairs of uint8 x int8 products in int16, which saturates with full-range weights.
+    4 bits: int4 in [-7, 7] with each channel's range clipped where that lowers its squared error
+    (`clipped_ranges`): with 15 levels, one outlier would otherwise leave most weights on 3 levels.
     """
-    half_levels = REDUCED_HALF_LEVELS if reduce_range else SYMMETRIC_HALF_LEVELS
-    scale, zero_point = scale_zero_point(*channel_ranges(w, axis), "int8", True, half_levels)
-    return quantize(w, scale, zero_point, axis), scale, zero_point
+    if bits == 4:
+        qtype, half_levels = "int4", INT4_HALF_LEVELS
+        low, high = clipped_ranges(w, axis, half_levels)
+    elif bits == 8:
+        qtype, half_levels = "int8", REDUCED_HALF_LEVELS if reduce_range else SYMMETRIC_HALF_LEVELS
+        low, high = channel_ranges(w, axis)
+    else:
+        raise ValueError(f"weights are stored in 4 or 8 bits, not {bits}")
+    scale, zero_point = scale_zero_point(low, high, qtype, True, half_levels)
+    q = quantize(w, scale, zero_point, axis)
+    if bits == 4:   # clipped values saturate symmetrically, at ±7 rather than at int4's -8
+        q = np.clip(q.astype(np.int8), -half_levels, half_levels).astype(NP_DTYPE[qtype])
+    return q, scale, zero_point
+
+
+#: shares of a channel's largest magnitude tried as its clipping range by `clipped_ranges`
+CLIP_SHARES = np.linspace(0.5, 1.0, 26)
+
+
+def clipped_ranges(w: np.ndarray, axis: int | None, half_levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric ranges ±c·max|w| with the share c (from CLIP_SHARES) that minimises the
+    channel's squared rounding error on a grid of `half_levels` steps either side of zero."""
+    moved = np.moveaxis(np.asarray(w, np.float64), axis, 0) if axis is not None else np.asarray(w, np.float64)[None]
+    rows = moved.reshape(moved.shape[0], -1)
+    peak = np.abs(rows).max(axis=1)
+    best, best_error = peak.copy(), np.full(peak.shape, np.inf)
+    for share in CLIP_SHARES:
+        step = np.where(peak > 0, share * peak / half_levels, 1.0)[:, None]
+        error = ((np.clip(np.rint(rows / step), -half_levels, half_levels) * step - rows) ** 2).sum(axis=1)
+        better = error < best_error
+        best, best_error = np.where(better, share * peak, best), np.where(better, error, best_error)
+    if axis is None:
+        best = best[0]
+    return -best, best
 
 
 def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> tuple[np.ndarray, np.ndarray]:
