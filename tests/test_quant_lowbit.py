@@ -148,3 +148,14 @@ def test_gptq_rounding_improves_the_quantized_model():
 def test_bad_low_bit_options_are_refused(pipeline, message):
     with pytest.raises(PassError, match=message):
         PassManager(pipeline).run(mlp(), calibration=correlated_batches())
+
+
+def test_a_four_bit_model_compiles_through_tvm_with_onnxruntime_outputs(tmp_path):
+    from graphpress import runtime
+    from graphpress.backends import compile as compile_model
+    model, batches = mlp(), correlated_batches()
+    quantized = _quantized("insert-qdq(int4-share=1.0)", model, batches)
+    compile_model(quantized, "x86", tmp_path / "artifact", pipeline=None)
+    sample = {"x": batches[0]["x"][:1]}
+    got = next(iter(runtime.load(tmp_path / "artifact").run(sample).values()))
+    np.testing.assert_allclose(got, run(quantized, sample)["y"], rtol=1e-4, atol=1e-4)

@@ -185,7 +185,7 @@ def import_relax(proto: onnx.ModelProto, inputs: list[TensorSpec], where: str):
         more = f" and {len(missing) - 1} more node(s)" if len(missing) > 1 else ""
         raise BackendError(f"{where}: TVM 0.27 cannot import op {op} (node {name!r}{more}; unsupported ops: "
                            f"{', '.join(ops)}); {ORT_HINT}")
-    proto = _constant_shapes_folded(proto)
+    proto = _sub_byte_widened(_constant_shapes_folded(proto))
     importer = _importer_class()(shape_dict={t.name: t.shape for t in inputs},
                                dtype_dict={t.name: t.dtype for t in inputs}, keep_params_in_input=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -220,6 +220,26 @@ def _constant_shapes_folded(proto: onnx.ModelProto) -> onnx.ModelProto:
         tensor = onnx.numpy_helper.from_array(np.full(tuple(shape), value.reshape(()), value.dtype), node.output[0])
         folded.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=tensor))
     return folded
+
+
+#: 4-bit initializer types and the 8-bit types that hold the same values
+_WIDER = {onnx.TensorProto.INT4: np.int8, onnx.TensorProto.UINT4: np.uint8}
+
+
+def _sub_byte_widened(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` whose INT4/UINT4 initializers (4-bit weights and their zero points) are stored
+    in 8 bits, same values: TVM 0.27 copies them as one byte per value and fails on the packed data.
+    DequantizeLinear computes the same floats from either, and the int8 lowering then applies."""
+    targets = [i for i, t in enumerate(proto.graph.initializer) if t.data_type in _WIDER]
+    if not targets:
+        return proto
+    widened = onnx.ModelProto()
+    widened.CopyFrom(proto)
+    for i in targets:
+        tensor = widened.graph.initializer[i]
+        value = onnx.numpy_helper.to_array(tensor).astype(_WIDER[tensor.data_type])
+        tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    return widened
 
 
 @functools.lru_cache(maxsize=1)
