@@ -8,7 +8,7 @@ import pytest
 
 from graphpress.cli import parse_budget
 from graphpress.compress import load_evaluator
-from graphpress.compress.search import SearchLog, Trial, most_aggressive_within
+from graphpress.compress.search import SearchLog, Trial, most_aggressive_within, refined, smallest_within
 from graphpress.errors import GraphpressError
 
 
@@ -24,6 +24,23 @@ def test_binary_search_finds_the_most_aggressive_setting_within_the_floor():
     assert len(tried) <= 3
     assert most_aggressive_within(list(scores), scores.get, floor=0.995) is None
     assert most_aggressive_within(list(scores), scores.get, floor=0.0) == "e"
+
+
+def test_unordered_settings_keep_the_smallest_within_the_floor():
+    scores = {"mild": 0.99, "mixed": 0.985, "all": 0.90}
+    sizes = {"mild": 30, "mixed": 40, "all": 20}
+    assert smallest_within(list(scores), scores.get, sizes.get, floor=0.98) == "mild"
+    assert smallest_within(list(scores), scores.get, sizes.get, floor=0.0) == "all"
+    assert smallest_within(list(scores), scores.get, sizes.get, floor=0.995) is None
+
+
+def test_refined_merges_options_into_the_last_pass_of_that_name():
+    assert refined("fold,insert-qdq(method=mse)", "insert-qdq(int4-share=0.5)") == \
+        "fold,insert-qdq(method=mse,int4-share=0.5)"
+    assert refined("smooth-quant(alpha=0.75),insert-qdq", "insert-qdq(rounding=gptq)") == \
+        "smooth-quant(alpha=0.75),insert-qdq(rounding=gptq)"
+    with pytest.raises(GraphpressError, match="no insert-qdq pass"):
+        refined("fold", "insert-qdq(int4-share=0.5)")
 
 
 def test_pareto_front_drops_dominated_trials():
@@ -94,7 +111,7 @@ def test_compress_respects_the_budget_and_reports_every_stage(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["pipeline"] == result["pipeline"] and report["pipeline"].startswith("fold")
     stages = [s["stage"] for s in report["stages"]]
-    assert stages[:2] == ["float", "fold"] and set(stages[2:]) <= {"prune", "svd", "int8"}
+    assert stages[:2] == ["float", "fold"] and set(stages[2:]) <= {"prune", "svd", "int8", "int4"}
     final = report["stages"][-1]
     assert final["metric"] >= report["float_metric"] - budget
     # the metric recorded for the written model is the model's real metric

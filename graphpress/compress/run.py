@@ -25,16 +25,19 @@ from ..passes import PassManager
 from . import report
 from .evaluate import Agreement, Evaluator, Runnable
 from .measure import StageMeasure, latency_ms, measure_model
-from .search import Knob, SearchLog, Trial, most_aggressive_within
+from .search import Knob, SearchLog, Trial, most_aggressive_within, refined, smallest_within
 
 DEFAULT_KNOBS = (
     Knob("prune", tuple(f"prune-channels(ratio={r})" for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)), 0.3),
     # plain SVD: whitened factors carry large weights on low-variance inputs and quantize badly (issue 5 note)
     Knob("svd", tuple(f"svd-split(energy={e},method=plain)" for e in (0.995, 0.99, 0.98, 0.95, 0.9)), 0.5),
-    # mild to aggressive: the transformer recipe (only Linear MatMuls and embedding tables int8, SmoothQuant
-    # first; measured on MiniLM), layers kept float by sensitivity, everything int8
+    # three recipes, all tried, the smallest within budget kept: the transformer one (only Linear MatMuls and
+    # embedding tables int8, SmoothQuant first; measured on MiniLM), layers kept float by sensitivity, all int8
     Knob("int8", ("smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)",
-                  "insert-qdq(keep-float=auto)", "insert-qdq"), 1.0),
+                  "insert-qdq(keep-float=auto)", "insert-qdq"), 1.0, ordered=False),
+    # then weights to 4 bits, least output noise per byte saved first, GPTQ-rounded
+    Knob("int4", tuple(f"insert-qdq(int4-share={share},rounding=gptq)" for share in (0.25, 0.5, 0.65, 0.8, 0.9)),
+         1.0, refines="int8"),
 )
 #: every HOLDOUT_EVERY-th calibration batch is held out for the agreement metric when no --eval is given
 HOLDOUT_EVERY = 4
@@ -67,13 +70,28 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
     stages.append(measure_model("fold", "fold", current, evaluator, time.perf_counter() - start, threads))
 
     search = SearchLog()
+    last_stage, last_input = "", current   # the stage a refining knob may re-run, and its input model
     for knob in knobs:
         start = time.perf_counter()
         stage_floor = stages[0].metric - budget * knob.budget_share
-        chosen = _search_knob(knob, current, calibration, evaluator, stage_floor, search, log)
+        if knob.refines:
+            if knob.refines != last_stage:
+                log(f"{knob.stage}: stage {knob.refines} was not the last one applied; nothing to refine")
+                continue
+            settings = tuple(refined(pipeline[-1], s) for s in knob.settings)
+            chosen = _search_knob(knob, settings, last_input, calibration, evaluator, stage_floor, search, log,
+                                  must_beat=model_size_bytes(current))
+            if chosen is not None:
+                pipeline.pop()
+        else:
+            chosen = _search_knob(knob, knob.settings, current, calibration, evaluator, stage_floor, search, log,
+                                  must_beat=model_size_bytes(current))
         if chosen is None:
-            log(f"{knob.stage}: every setting falls below its floor {stage_floor:.4f}; stage skipped")
+            log(f"{knob.stage}: no setting both stays within the floor {stage_floor:.4f} and makes the model "
+                "smaller; stage skipped")
             continue
+        if not knob.refines:
+            last_stage, last_input = knob.stage, current
         setting, current, metric = chosen
         pipeline.append(setting)
         stages.append(measure_model(knob.stage, ",".join(pipeline), current, None,
@@ -116,25 +134,34 @@ def _apply(model: Model, pipeline: str, calibration) -> Model:
     return candidate
 
 
-def _search_knob(knob: Knob, current: Model, calibration, evaluator: Evaluator, floor: float,
-                 search: SearchLog, log) -> tuple[str, Model, float] | None:
-    """The most aggressive setting within `floor`, with its model and metric; None if none is."""
+def _search_knob(knob: Knob, settings: tuple[str, ...], current: Model, calibration, evaluator: Evaluator,
+                 floor: float, search: SearchLog, log, must_beat: int) -> tuple[str, Model, float] | None:
+    """The chosen setting within `floor` (most aggressive, or smallest for an unordered knob), with its
+    model and metric; None if none is, or if it is not smaller than `must_beat` bytes."""
     from .evaluate import OnnxRunnable
     passing: dict[str, tuple[Model, float]] = {}  # only candidates within the floor are kept in memory
+    sizes: dict[str, int] = {}
 
     def score(setting: str) -> float:
         candidate = _apply(current, setting, calibration)
         metric = evaluator(OnnxRunnable(candidate))
         if metric >= floor:
             passing[setting] = (candidate, metric)
-        size = model_size_bytes(candidate)
+        size = sizes[setting] = model_size_bytes(candidate)
         search.trials.append(Trial(knob.stage, setting, size, metric))
         log(f"{knob.stage}: {setting}: metric {metric:.4f}, {size / 1e6:.3f} MB, "
             f"{'within' if metric >= floor else 'below'} the stage floor {floor:.4f}")
         return metric
 
-    chosen = most_aggressive_within(knob.settings, score, floor)
+    if knob.ordered:
+        chosen = most_aggressive_within(settings, score, floor)
+    else:
+        chosen = smallest_within(settings, score, sizes.__getitem__, floor)
     if chosen is None:
+        return None
+    if sizes[chosen] >= must_beat:
+        log(f"{knob.stage}: {chosen} is not smaller than the model so far ({sizes[chosen] / 1e6:.3f} MB vs "
+            f"{must_beat / 1e6:.3f} MB)")
         return None
     for trial in search.trials:
         if trial.stage == knob.stage and trial.pipeline == chosen:
