@@ -207,19 +207,27 @@ def _constant_shapes_folded(proto: onnx.ModelProto) -> onnx.ModelProto:
     constants = {t.name: t for t in proto.graph.initializer}
     constants.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
                       if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"})
-    targets = [i for i, n in enumerate(proto.graph.node) if n.op_type == "ConstantOfShape" and n.input[0] in constants]
-    if not targets:
-        return proto
-    folded = onnx.ModelProto()
-    folded.CopyFrom(proto)
-    for i in targets:
-        node = folded.graph.node[i]
+    replacements = {}
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type != "ConstantOfShape" or node.input[0] not in constants:
+            continue
         shape = onnx.numpy_helper.to_array(constants[node.input[0]]).astype(np.int64)
         value = next((onnx.numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"),
                      np.zeros(1, np.float32))
         tensor = onnx.numpy_helper.from_array(np.full(tuple(shape), value.reshape(()), value.dtype), node.output[0])
-        folded.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=tensor))
-    return folded
+        replacements[i] = onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=tensor)
+    return _with_replaced(proto, "node", replacements)
+
+
+def _with_replaced(proto: onnx.ModelProto, field: str, replacements: dict) -> onnx.ModelProto:
+    """A copy of `proto` with `graph.<field>[i]` replaced by each given message; `proto` itself if none."""
+    if not replacements:
+        return proto
+    edited = onnx.ModelProto()
+    edited.CopyFrom(proto)
+    for i, message in replacements.items():
+        getattr(edited.graph, field)[i].CopyFrom(message)
+    return edited
 
 
 #: 4-bit initializer types and the 8-bit types that hold the same values
@@ -230,16 +238,9 @@ def _sub_byte_widened(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `proto` whose INT4/UINT4 initializers (4-bit weights and their zero points) are stored
     in 8 bits, same values: TVM 0.27 copies them as one byte per value and fails on the packed data.
     DequantizeLinear computes the same floats from either, and the int8 lowering then applies."""
-    targets = [i for i, t in enumerate(proto.graph.initializer) if t.data_type in _WIDER]
-    if not targets:
-        return proto
-    widened = onnx.ModelProto()
-    widened.CopyFrom(proto)
-    for i in targets:
-        tensor = widened.graph.initializer[i]
-        value = onnx.numpy_helper.to_array(tensor).astype(_WIDER[tensor.data_type])
-        tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
-    return widened
+    return _with_replaced(proto, "initializer", {
+        i: onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(_WIDER[t.data_type]), t.name)
+        for i, t in enumerate(proto.graph.initializer) if t.data_type in _WIDER})
 
 
 @functools.lru_cache(maxsize=1)
