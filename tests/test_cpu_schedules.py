@@ -198,3 +198,15 @@ def test_mobilenet_v2_matches_onnxruntime():
     x = RNG.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
     rules = assert_matches_onnxruntime(model, {"input_f": x})
     assert None not in rules.values(), rules
+
+
+@pytest.mark.parametrize("fused", [(3, 8, 8), (1, 14, 14), (2, 7, 7), (4, 28, 28)])
+@pytest.mark.parametrize("lanes, accumulators", [(8, 16), (16, 32), (4, 32)])
+def test_register_tiles_never_straddle_rows_or_images(fused, lanes, accumulators):
+    """A fused [batch, height, width] tile that straddled images computed the epilogue on a bounding
+    box holding pixels of other tiles (AVX-512, batch 3: 24-pixel tiles over 64-pixel images)."""
+    from graphpress.backends.cpu.schedules.tiled import register_tile
+    pixels = int(np.prod(fused))
+    _, rows = register_tile(8, pixels, lanes, accumulators, fused)
+    for trailing in (fused[-1], fused[-1] * fused[-2], pixels):
+        assert trailing % rows == 0 or rows % trailing == 0, (rows, trailing)

@@ -86,14 +86,14 @@ def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int, in
     for iv in iters:
         work *= int(iv.dom.extent)
     windowed = any(int(iv.dom.extent) > 1 for iv in iters[n_spatial:-1])
-    rows_axis, outer, width = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators, windowed)
+    rows_axis, outer, fused = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators, windowed)
     if rows_axis is None:
         c_out, p_out, c_in = sch.split(spatial[-1], [None, 1, vec := extents[-1] if extents[-1] <= 2 * lanes
                                                       else register_tile(extents[-1], 1, lanes, accumulators)[0]])
         p_in = None
         sch.reorder(c_out, p_out, *outer_reduce, c_in, *inner)
     else:
-        vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, width)
+        vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, fused)
         c_out, c_in = sch.split(spatial[-1], [None, vec])
         p_out, p_in = sch.split(rows_axis, [None, rows])
         sch.reorder(*outer, c_out, p_out, *outer_reduce, p_in, c_in, *inner)
@@ -154,8 +154,8 @@ def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators:
         work *= int(iv.dom.extent)
     k_out, k_in = sch.split(reduce[-1], [None, depth])
     windowed = any(int(iv.dom.extent) > 1 for iv in iters[n_spatial:-1])
-    rows_axis, outer, width = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators, windowed)
-    vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, width)
+    rows_axis, outer, fused = _rows_axis(sch, spatial[:-1], extents[:-1], extents[-1], lanes, accumulators, windowed)
+    vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, fused)
     c_out, c_in = sch.split(spatial[-1], [None, vec])
     p_out, p_in = sch.split(rows_axis, [None, rows])
     sch.reorder(*outer, k_out, c_out, p_out, *reduce[:-1], k_in, p_in, c_in)
@@ -170,8 +170,8 @@ def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators:
 
 
 def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators, windowed=True):
-    """The loop whose iterations form the tile's rows, the loops left outside the tile, and the image
-    width when the rows loop is fused pixels (else None).
+    """The loop whose iterations form the tile's rows, the loops left outside the tile, and the extents
+    of the pixel loops fused into it (None when it is one loop).
 
     All pixel loops fused into one when that gives a fuller register tile (7x7 and 14x14 outputs:
     rows of 7 or 4 pixels rather than 1 or 2). For windowed reductions (k>1 convolutions, pooling)
@@ -185,36 +185,41 @@ def _rows_axis(sch, pixel_loops, pixel_extents, channels, lanes, accumulators, w
     for e in pixel_extents:
         total *= e
 
-    def fill(pixels, width=None):
-        vec, rows = register_tile(channels, pixels, lanes, accumulators, width)
+    def fill(pixels, fused=None):
+        vec, rows = register_tile(channels, pixels, lanes, accumulators, fused)
         return rows * -(-vec // lanes)
 
     slack = 2 if windowed else 1
-    if len(pixel_loops) == 1 or slack * fill(pixel_extents[-1]) >= fill(total, pixel_extents[-1]):
+    if len(pixel_loops) == 1 or slack * fill(pixel_extents[-1]) >= fill(total, tuple(pixel_extents)):
         return pixel_loops[-1], list(pixel_loops[:-1]), None
-    return sch.fuse(*pixel_loops), [], pixel_extents[-1]
+    return sch.fuse(*pixel_loops), [], tuple(pixel_extents)
 
 
 def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-def register_tile(channels: int, pixels: int, lanes: int, accumulators: int, width: int | None = None) -> tuple[int, int]:
+def register_tile(channels: int, pixels: int, lanes: int, accumulators: int,
+                  fused: tuple[int, ...] | None = None) -> tuple[int, int]:
     """(output channels, output pixels) of one register tile.
 
     Channels come in whole vectors that divide the channel count (one to three vectors; a plain
     divisor when no vector divides it), pixels as a divisor of the pixel count; among those the
     tile with the most accumulator vectors that fit the registers wins (ties: wider channels).
-    With `width` (the pixels are a fused [height x width] axis), a tile must not straddle image
-    rows partially (width % rows == 0 or rows % width == 0): the epilogue is computed on the
-    tile's bounding box in (h, w), which must be the tile itself.
+    With `fused` (the pixels are fused loops of these extents, e.g. [batch, height, width]), a tile
+    must not straddle image rows or images partially: for every trailing product P of the extents
+    (width, height x width, ...), P % rows == 0 or rows % P == 0. The epilogue is computed on the
+    tile's bounding box in the unfused loops, which must be the tile itself.
     """
+    trailing = [1]
+    for extent in reversed(fused or ()):
+        trailing.append(trailing[-1] * extent)
     candidates = [v for v in (3 * lanes, 2 * lanes, lanes) if channels % v == 0] or [divisor_at_most(channels, 2 * lanes)]
     best = None
     for vec in candidates:
         vectors = -(-vec // lanes)
         rows = max(r for r in range(1, max(1, accumulators // vectors) + 1)
-                   if pixels % r == 0 and (width is None or width % r == 0 or r % width == 0))
+                   if pixels % r == 0 and all(p % r == 0 or r % p == 0 for p in trailing[1:]))
         score = (rows * vectors, vec)
         if best is None or score > best[0]:
             best = (score, (vec, rows))
