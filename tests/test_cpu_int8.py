@@ -172,3 +172,11 @@ def test_mobilenet_v2_qdq_matches_onnxruntime(tmp_path):
     integer, floating = integer_kernels(qdq)
     assert len(integer) >= 30 and len(floating) <= 18  # depthwise convs (17) and the 3-channel stem stay float
     assert_int8_matches(qdq, {"input_f": RNG.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)})
+
+
+def test_pair_kernels_fall_back_to_narrower_vectors_that_divide_the_channels():
+    from graphpress.backends.cpu.schedules.pairs import _pair_lanes
+    assert _pair_lanes(16, 32) == 16      # AVX-512: zmm pairs
+    assert _pair_lanes(16, 24) == 8       # AVX-512 host, 24 channels: AVX2's ymm form
+    assert _pair_lanes(8, 24) == 8
+    assert _pair_lanes(8, 12) is None     # no vector divides 12 channels: the plain tiled schedule

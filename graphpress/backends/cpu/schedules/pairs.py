@@ -25,8 +25,10 @@ class TiledPairs(CPUScheduleRule):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         mains = [b for b in infos or [] if b.name == BLOCK_NAME]
-        lanes = vector_unit(target).lanes("int32")
-        if len(mains) != 1 or lanes not in PAIR_DOT or int(mains[0].dom()[-1 - _reduce_count(mains[0])]) % lanes:
+        if len(mains) != 1:
+            return None
+        lanes = _pair_lanes(vector_unit(target).lanes("int32"), int(mains[0].dom()[-1 - _reduce_count(mains[0])]))
+        if lanes is None:
             return None
         register_intrinsics()
         pad = [b for b in infos if b.name == "pad_temp"]
@@ -40,6 +42,12 @@ class TiledPairs(CPUScheduleRule):
         for info in pad:
             schedule_injective(sch, info.block_rv, 2 * lanes)
         return sch
+
+
+def _pair_lanes(widest: int, channels: int) -> int | None:
+    """int32 lanes of the widest pair instruction whose vectors divide the output channels: on AVX-512
+    a 24-channel conv takes AVX2's 8-lane form rather than no pair kernel at all."""
+    return next((lanes for lanes in (widest, widest // 2) if lanes in PAIR_DOT and channels % lanes == 0), None)
 
 
 def _reduce_count(info) -> int:
