@@ -6,8 +6,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphpress.errors import PassError
-from graphpress.ir import Model, compare, load, model_size_bytes, random_inputs, run
+from graphpress.ir import Model, activation_batches, compare, load, model_size_bytes, random_inputs, run
 from graphpress.passes import PassManager, parse_pipeline
+from graphpress.quant.scales import dequantize, quantize_weight
 
 RNG = np.random.default_rng(0)
 
@@ -257,9 +258,32 @@ def test_gather_tables_are_stored_int8_per_row():
     model = _model(nodes, [ids], [_f("y", 2, 3, 4)], [_init("table", 10, 6), _init("w", 6, 4)])
     inputs = {"ids": np.array([[0, 3, 9], [1, 1, 2]], np.int64)}
     original, q, _ = quantize(model, batches=[inputs])
-    table = dq_of(q, "table")
-    assert table.attrs["axis"] == 0 and table.inputs[1].values.shape == (10,)
+    embed = next(q.nodes("Gather"))   # reads the int8 rows; only they are dequantized, not the table
+    assert embed.inputs[0].values.dtype == np.int8 and embed.inputs[0].values.shape == (10, 6)
+    scales = [n for n in q.nodes("Gather") if n is not embed][0].inputs[0].values
+    assert scales.shape == (10,)
+    assert not list(q.nodes("DequantizeLinear")) or all(
+        n.inputs[0].name != embed.inputs[0].name for n in q.nodes("DequantizeLinear"))
     assert compare(original, q, inputs).within(rtol=0.05)
+    table = original.constant_value(original.tensors()["table"])
+    expected = quantize_weight(table, 0)
+    rows = next(activation_batches(q, [embed.outputs[0].name], [inputs]))[embed.outputs[0].name]
+    np.testing.assert_array_equal(rows, expected[0][inputs["ids"]])
+
+
+def test_int4_tables_are_packed_two_values_a_byte_and_decoded_after_the_lookup():
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+    model = _model(nodes, [ids], [_f("y", 2, 3, 6)], [_init("table", 10, 6)])
+    inputs = {"ids": np.array([[0, 3, 9], [1, 1, 2]], np.int64)}
+    q = model.copy()
+    PassManager("insert-qdq(int4-share=1.0)").run(q, calibration=[inputs])
+    packed = next(q.nodes("Gather")).inputs[0].values
+    assert packed.dtype == np.uint8 and packed.shape == (10, 3)
+    table = model.constant_value(model.tensors()["table"])
+    values, scale, zero = quantize_weight(table, 0, bits=4)
+    expected = dequantize(values, scale, zero, 0)[inputs["ids"]]
+    np.testing.assert_allclose(run(q, inputs)["y"], expected, rtol=1e-6, atol=1e-7)
 
 
 def test_svd_split_output_quantizes_too():

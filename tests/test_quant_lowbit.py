@@ -159,3 +159,26 @@ def test_a_four_bit_model_compiles_through_tvm_with_onnxruntime_outputs(tmp_path
     sample = {"x": batches[0]["x"][:1]}
     got = next(iter(runtime.load(tmp_path / "artifact").run(sample).values()))
     np.testing.assert_allclose(got, run(quantized, sample)["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_four_bit_matmuls_keep_float_inputs_and_run_as_one_fused_kernel(tmp_path):
+    """Weight-only int4 MatMul (the transformer recipe, 3-D activations): onnxruntime fuses
+    DequantizeLinear(int4) -> MatMul into MatMulNBits; no weight is dequantized per run."""
+    import onnxruntime as ort
+    model = mlp()
+    model.graph.inputs[0].shape = [1, "batch", 64]
+    model.graph.outputs[0].shape = [1, "batch", 10]
+    batches = [{"x": b["x"][None]} for b in correlated_batches()]
+    recipe = "insert-qdq(ops=[MatMul],outputs=false,int4-share={})"
+    quantized = _quantized(recipe.format(1.0), model, batches)
+    for node in quantized.nodes("MatMul"):
+        producer = quantized.producer(node.inputs[0])
+        assert producer is None or producer.op != "DequantizeLinear"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quantized.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert fused.count("MatMulNBits") == 3 and "DequantizeLinear" not in fused
+    half = _quantized(recipe.format(0.5), model, batches)   # the int8 MatMuls keep int8 inputs
+    assert any(half.producer(n.inputs[0]) is not None and half.producer(n.inputs[0]).op == "DequantizeLinear"
+               for n in half.nodes("MatMul"))

@@ -25,9 +25,10 @@ from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.equalize import equalize
 from ..quant.insert import Names, existing_parameters, insert_qdq, store_bias, store_weight
-from ..quant.lowbit import INT4_OPSET, StoredWeight, choose_int4, round_weights
+from ..quant.lowbit import INT4_OPSET, StoredWeight, choose_int4, round_weights, weight_only_inputs
 from ..quant.plan import QuantPlan, Selection, make_plan
-from ..quant.scales import scale_zero_point
+from ..quant.scales import quantize_weight, scale_zero_point
+from ..quant.tables import is_lookup_table, store_table
 from ..quant.sensitivity import OutputProbe, choose_float_nodes, rank_by_sensitivity
 from ..quant.smoothquant import smooth
 from .base import Pass, PassContext, PassResult
@@ -177,9 +178,11 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
     """Edit `model` as `plan` says, with activation `ranges` from calibration; weights in `rounded`
     are stored as given (4-bit, GPTQ), the others rounded to nearest int8."""
     rounded = rounded or {}
+    float_inputs = weight_only_inputs(model, plan.activations, plan.nodes, rounded)
     tensors = model.tensors()
     names = Names(model)
-    params = {name: scale_zero_point(*ranges[name], activation_type, symmetric) for name in plan.activations}
+    params = {name: scale_zero_point(*ranges[name], activation_type, symmetric) for name in plan.activations
+              if name not in float_inputs}
     for output, source in plan.shared.items():
         found = params.get(source) or existing_parameters(tensors[source])
         if found is None:
@@ -188,8 +191,12 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
     weight_scales = {}
     for name, axis in plan.weights.items():
         stored = rounded.get(name)
-        weight_scales[name] = store_weight(model, names, tensors[name], axis, reduce_range,
-                                           None if stored is None else (stored.q, stored.scale, stored.zero_point))
+        given = None if stored is None else (stored.q, stored.scale, stored.zero_point)
+        if axis == 0 and is_lookup_table(tensors[name]):
+            q, scale, _ = given or quantize_weight(model.constant_value(tensors[name]).astype(np.float32), 0)
+            store_table(model, names, tensors[name], q, scale)
+            continue
+        weight_scales[name] = store_weight(model, names, tensors[name], axis, reduce_range, given)
     for name, bias in plan.biases.items():
         source = params.get(bias.activation) or existing_parameters(tensors[bias.activation])
         if source is not None:

@@ -26,6 +26,7 @@ from ..ir import Model, activation_batches
 from .gptq import gptq_quantize
 from .scales import INT4_HALF_LEVELS, REDUCED_HALF_LEVELS, SYMMETRIC_HALF_LEVELS, dequantize, quantize_weight
 from .sensitivity import OutputProbe
+from .tables import is_lookup_table
 
 #: ops whose constant weight may be stored in 4 bits
 INT4_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
@@ -115,10 +116,30 @@ def choose_int4(model: Model, weights: dict[str, int | None], share: float, batc
     return chosen
 
 
+def weight_only_inputs(model: Model, activations: list[str], nodes: list[str],
+                       rounded: dict[str, StoredWeight]) -> set[str]:
+    """Activations (of `activations`) that only feed quantized MatMuls with 4-bit weights: they stay
+    float. onnxruntime runs float x int4 MatMul as one fused kernel (MatMulNBits, as fast as float
+    here) but an int8-activation MatMul with 4-bit weights dequantizes the weights on every run; and
+    weight-only 4 bits loses less than 4-bit weights times 8-bit activations."""
+    tensors, quantized = model.tensors(), set(nodes)
+    int4 = {name for name, stored in rounded.items() if np.dtype(stored.q.dtype).name == "int4"}
+    chosen = set()
+    for name in activations:
+        readers = [c for c in tensors[name].outputs if c.name in quantized]
+        if readers and all(c.op == "MatMul" and c.inputs[0] is tensors[name] and c.inputs[1].name in int4
+                           for c in readers):
+            chosen.add(name)
+    return chosen
+
+
 def _int4_candidate(tensor: gs.Tensor) -> bool:
-    """A float weight read only by ops that take 4-bit weights (not a bias, not a shape)."""
+    """A float weight read only by ops that take 4-bit weights (not a bias, not a shape); lookup tables
+    need an even row length (their rows are stored as nibble pairs, see `tables`)."""
     consumers = list(tensor.outputs)
-    return bool(consumers) and all(c.op in INT4_OPS and c.inputs.index(tensor) == (0 if c.op == "Gather" else 1)
+    if is_lookup_table(tensor):
+        return tensor.shape[1] % 2 == 0
+    return bool(consumers) and all(c.op in INT4_OPS and c.op != "Gather" and c.inputs.index(tensor) == 1
                                    for c in consumers)
 
 
