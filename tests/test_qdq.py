@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphpress.errors import PassError
-from graphpress.ir import Model, activation_batches, compare, load, model_size_bytes, random_inputs, run
+from graphpress.ir import activation_batches, compare, load, model_size_bytes, random_inputs, run
 from graphpress.passes import PassManager, parse_pipeline
 from graphpress.quant.scales import dequantize, quantize_weight
 
