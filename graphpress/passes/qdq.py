@@ -4,11 +4,15 @@
     fold,insert-qdq(method=mse,reduce-range=true)                       ... run by onnxruntime on x86 without VNNI
     smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],outputs=false,activation-matmul=false)  transformers
     equalize,insert-qdq(per-channel=false,bias-correction=true)         per-tensor weights
+    fold,insert-qdq(method=mse,int4-share=0.5,rounding=gptq)            half the weights in 4 bits (opset 21)
 
 `insert-qdq`: plan (graphpress.quant.plan) -> calibrate activation ranges (graphpress.quant.calibrate)
 -> edit (graphpress.quant.insert). The result is a plain ONNX model that onnxruntime runs unchanged (and
 fuses into int8 kernels), with int8 weights: ~4x smaller. `smooth-quant` and `equalize` rewrite float
 weights so that quantization loses less; `keep-float=auto` keeps the most sensitive nodes in float.
+`int4-share` stores the least sensitive weights in 4 bits and `rounding=gptq` rounds weights against
+their input statistics (graphpress.quant.lowbit, graphpress.quant.gptq); embedding tables are gathered
+as integers and dequantized row by row (graphpress.quant.tables).
 """
 
 from __future__ import annotations
