@@ -421,7 +421,8 @@ def test_sensitivity_scan_with_refits_sees_the_redundant_channel_as_free():
     model = redundant_model()
     cg = analyze(model, tensor_shapes(ir.infer_shapes(model)))
     steps = steps_for(cg)
-    scores, refits = eliminate(model, cg, calibration(), steps)
+    elimination = eliminate(model, cg, calibration(), steps)
+    scores, refits = elimination.scores, elimination.refits
     group = cg.prunable()[0]
     with_refit = scan(model, cg, scores, calibration(), steps=(0.125,), refits=refits)[group.id][0.125]
     without = scan(model, cg, scores, calibration(), steps=(0.125,))[group.id][0.125]
@@ -457,3 +458,67 @@ def test_conv_transpose_is_both_a_consumer_and_a_producer():
     np.testing.assert_array_equal(weight(pruned, "up"), np.delete(np.delete(w, 3, axis=0), 4, axis=1))
     assert weight(pruned, "head").shape == (2, 5, 1, 1)
     assert_same_outputs(model, pruned)
+
+
+# ---- budget allocation: residual streams, round_to with a target, error curves -------------------------
+def test_residual_false_prunes_only_the_channels_inside_blocks():
+    model, _ = residual_model()
+    pruned, report = prune(model, "prune-channels(ratio=0.5,residual=false)")
+    assert weight(pruned, "stem").shape[0] == 8 and weight(pruned, "c2").shape[0] == 8
+    assert weight(pruned, "c1").shape[0] == 4
+    stream = next(g for g in report.groups if g.channels_before == 8 and g.channels_after == 8)
+    assert "residual stream" in stream.frozen
+
+
+def test_round_to_with_a_target_does_not_overshoot():
+    """Groups of 16 and 32 with round-to=8: past 77% of the MACs one uniform ratio takes both groups down
+    to 8 and 16 channels at once (28% of the MACs); single steps stop at the next step below the target."""
+    b = Builder([1, 3, 8, 8])
+    y = b.node("Relu", [b.conv("x", 3, 16, "first")])
+    y = b.node("Relu", [b.conv(y, 16, 32, "second")])
+    model = b.model(b.node("GlobalAveragePool", [b.conv(y, 32, 4, "third", k=1)]))
+    pruned, _ = prune(model, "prune-channels(target-macs=0.7,round-to=8)")
+    kept = macs(pruned).total / macs(model).total
+    assert 0.5 < kept <= 0.7
+    assert weight(pruned, "first").shape[0] % 8 == 0 and weight(pruned, "second").shape[0] % 8 == 0
+
+
+def copies_model():
+    """first's channels 4..7 are positive multiples of channels 0..3 (a Relu keeps them copies): removing
+    them costs nothing after the re-fit of `second`, whose own channels are all independent."""
+    b = Builder(["N", 3, 8, 8])
+    y = b.node("Relu", [b.conv("x", 3, 8, "first")])
+    y = b.node("Relu", [b.conv(y, 8, 8, "second")])
+    model = b.model(b.node("GlobalAveragePool", [b.conv(y, 8, 4, "third", k=1)]))
+    tensors = model.graph.tensors()
+    w, bias = np.array(tensors["first.w"].values), np.array(tensors["first.b"].values)
+    w[4:], bias[4:] = w[:4] * 2, bias[:4] * 2
+    tensors["first.w"].values, tensors["first.b"].values = w, bias
+    return model
+
+
+def test_refit_error_allocation_spends_the_budget_where_the_refit_recovers_it():
+    model = copies_model()
+    pipeline = "prune-channels(target-macs=0.55,criterion=reconstruction,allocate=refit-error,ridge=0)"
+    pruned, _ = prune(model, pipeline, calibration())
+    assert macs(pruned).total <= 0.55 * macs(model).total
+    assert weight(pruned, "first").shape[0] == 4 and weight(pruned, "second").shape[0] == 8
+    assert ir.compare(model, pruned, calibration(1)[0]).within(rtol=1e-3, atol=1e-4)
+    uniform, _ = prune(model, pipeline.replace("allocate=refit-error", "allocate=uniform"), calibration())
+    assert weight(uniform, "second").shape[0] < 8
+
+
+def test_refit_error_allocation_needs_the_reconstruction_criterion():
+    model = copies_model()
+    with pytest.raises(PassError, match="allocate=refit-error needs"):
+        prune(model, "prune-channels(target-macs=0.7,allocate=refit-error)", calibration())
+
+
+def test_scan_error_of_probability_outputs_is_their_kl_divergence():
+    from graphpress.pruning.sensitivity import _output_error
+
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    q = np.array([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
+    kl = np.mean(np.sum(p * np.log(p / q), axis=1))
+    assert _output_error([p], [q]) == pytest.approx(kl)
+    assert _output_error([p * 5], [q * 5]) == pytest.approx(np.sum((p - q) ** 2) / np.sum(p ** 2))

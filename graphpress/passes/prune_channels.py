@@ -19,7 +19,7 @@ from ..pruning.apply import apply_plan
 from ..pruning.groups import ChannelGraph, analyze
 from ..pruning.importance import channel_scores
 from ..pruning.obs import eliminate
-from ..pruning.plan import CostModel, ratios_for_target, select, uniform_ratios
+from ..pruning.plan import CostModel, ratios_by_error, ratios_for_target, select, uniform_ratios
 from ..pruning.reconstruct import refit_layers
 from ..pruning.report import build_report
 from ..pruning.sensitivity import sensitivity_ratios, steps_for
@@ -39,19 +39,30 @@ class PruneChannels(Pass):
     criterion: Literal["l1", "l2", "bn", "activation", "reconstruction"] = "l1"   # channel importance
     reconstruct: bool = True                   # re-fit consumers by least squares on calibration data
     sensitivity: bool = False                  # pick per-group ratios by a sensitivity scan under the target
+    allocate: Literal["uniform", "refit-error"] = "uniform"   # how a target is spread over the groups: one
+                                               # ratio for all, or (criterion=reconstruction) step by step where
+                                               # the consumers' error left after the re-fit grows least per
+                                               # MAC/param saved
     ridge: float = 0.01                        # ridge strength of the re-fit, relative to mean diag(X^T X)
+    residual: bool = True                      # also prune residual streams (channels several layers write,
+                                               # joined by Add/Sub/...); false: only the channels inside blocks
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         shapes = tensor_shapes(infer_shapes(model))
         cg = analyze(model, shapes)
+        if not self.residual:
+            for group in cg.prunable():
+                if group.writers > 1:
+                    group.frozen = "a residual stream (residual=false)"
         calibration = ctx.calibration
-        refits = None
-        if self.sensitivity and self.criterion == "reconstruction" and calibration is not None:
-            scores, refits = eliminate(model, cg, calibration, steps_for(cg, self.round_to))
+        refits = curves = None
+        if self.criterion == "reconstruction" and calibration is not None:
+            elimination = eliminate(model, cg, calibration, steps_for(cg, self.round_to) if self.sensitivity else None)
+            scores, refits, curves = elimination.scores, elimination.refits, elimination.curves
         else:
             scores = channel_scores(model, cg, self.criterion, calibration)
         costs = CostModel(model, cg, shapes, model.parameter_count(), macs(model).total)
-        ratios = self._ratios(model, cg, scores, costs, ctx, refits)
+        ratios = self._ratios(model, cg, scores, costs, ctx, refits, curves)
         plan = select(cg, scores, ratios, self.round_to)
         report = build_report(cg, costs, plan)
         ctx.reports[self.name] = report
@@ -77,7 +88,7 @@ class PruneChannels(Pass):
                                  "macs_kept": round(after / max(report.macs_before, 1), 4)})
 
     def _ratios(self, model: Model, cg: ChannelGraph, scores: np.ndarray, costs: CostModel,
-                ctx: PassContext, refits=None) -> dict[int, float]:
+                ctx: PassContext, refits=None, curves=None) -> dict[int, float]:
         base = _layer_ratios(cg, self.layer_ratios)
         targets = [(metric, value) for metric, value in (("macs", self.target_macs), ("params", self.target_params))
                    if value is not None]
@@ -88,6 +99,12 @@ class PruneChannels(Pass):
                 raise GraphpressError(f"prune-channels: a target is a share in (0, 1], got {value}")
         if not 0 <= self.ratio < 1:
             raise GraphpressError(f"prune-channels: ratio must be in [0, 1), got {self.ratio}")
+        if self.allocate == "refit-error":
+            if not targets or curves is None or self.sensitivity:
+                raise GraphpressError("prune-channels: allocate=refit-error needs a target, criterion=reconstruction "
+                                      "and calibration data, and replaces sensitivity=true")
+            metric, value = targets[0]
+            return ratios_by_error(cg, scores, costs, metric, value, curves, self.round_to, base)
         if self.sensitivity:
             if not targets or ctx.calibration is None:
                 raise GraphpressError("prune-channels: sensitivity=true needs a target and calibration data")

@@ -114,6 +114,8 @@ class Group:
     frozen: str | None = None
     block_space: int | None = None
     blocks: int = 1
+    #: how many layers write these channels (more than one: a residual stream joined by Add/Sub/...)
+    writers: int = 1
 
     @property
     def size(self) -> int:
@@ -195,15 +197,18 @@ class ChannelGraph:
             for c in set(self.channel_of[space.start:space.start + space.size].tolist()):
                 touched.setdefault(c, set()).add(sid)
         by_signature: dict[tuple, list[int]] = {}
+        writers: dict[tuple, int] = {}
         for channel, sids in sorted(touched.items()):
             producers = sids & self.roots or sids
             key = (tuple(sorted(producers)), channel in frozen_channels)
+            writers[key] = len(sids & self.roots)
             by_signature.setdefault(key, []).append(channel)
-        for (_, is_frozen), channels in by_signature.items():
+        for key, channels in by_signature.items():
             classes = np.array(channels, dtype=np.int64)
             sids = tuple(sorted(set().union(*(touched[c] for c in channels))))
-            reason = frozen_channels[channels[0]] if is_frozen else None
-            group = Group(len(self.groups), self._group_name(sids), classes, sids, frozen=reason)
+            reason = frozen_channels[channels[0]] if key[1] else None
+            group = Group(len(self.groups), self._group_name(sids), classes, sids, frozen=reason,
+                          writers=writers[key])
             for sid in sids:
                 if sid in self.blocks:
                     group.block_space, group.blocks = sid, self.blocks[sid]

@@ -9,7 +9,8 @@ by least squares, the output error grows by exactly
 (the Optimal Brain Surgeon step on the least-squares problem). A group's channels are eliminated
 greedily: the channel whose removal costs least (summed over the group's consumers, each relative to its
 output energy) goes first, then theta and A^-1 are updated as if it were gone, and so on. A channel's
-score is its place in that order, so `select` removes the first ones eliminated. A consumer whose input
+score is its place in that order, so `select` removes the first ones eliminated. The summed costs along
+the way are the group's error curve, which `plan.ratios_by_error` compares across groups. A consumer whose input
 is too wide for a dense A (more than MAX_DIM rows), or seen on too few calibration rows to estimate it,
 uses the diagonal of A, which is the `activation` criterion.
 """
@@ -89,30 +90,47 @@ class _Consumer:
 Refits = dict[tuple[int, int], list[tuple[gs.Node, np.ndarray]]]
 
 
+@dataclass
+class Elimination:
+    """The greedy elimination of every prunable group.
+
+    `scores`: per channel id, its rank in its group's order (low = removed first); `curves[g][k]`: the
+    consumers' summed relative output error left after re-fitting with the first k channels of group g
+    removed (inf beyond the ordered share); `refits`: re-fitted weights at the requested counts.
+    """
+
+    scores: np.ndarray
+    curves: dict[int, np.ndarray]
+    refits: Refits
+
+
 def reconstruction_scores(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> np.ndarray:
     """A score per channel id: its rank in the greedy elimination order of its group (low = first)."""
-    return eliminate(model, cg, calibration)[0]
+    return eliminate(model, cg, calibration).scores
 
 
 def eliminate(model: Model, cg: ChannelGraph, calibration: Iterable[dict],
-              snapshots: dict[int, list[int]] | None = None) -> tuple[np.ndarray, Refits]:
-    """Scores as `reconstruction_scores`, and the consumers' re-fitted weights of group g after removing
-    k channels for every k in `snapshots[g]` (what the sensitivity scan runs)."""
+              snapshots: dict[int, list[int]] | None = None) -> Elimination:
+    """Order every prunable group's channels, with the error curves and, for every k in `snapshots[g]`,
+    the consumers' re-fitted weights of group g after removing k channels (what the sensitivity scan runs)."""
     consumers = _consumers(model, cg, calibration)
-    scores = np.zeros(cg.total)
-    refits: Refits = {}
+    result = Elimination(np.zeros(cg.total), {}, {})
     for group in cg.prunable():
         mine = [c.for_group(group) for c in consumers if c.member.space in group.spaces]
-        scores[group.classes] = _elimination_rank(group, mine, set((snapshots or {}).get(group.id, ())),
-                                                  refits)
-    return scores, refits
+        rank, curve = _elimination_rank(group, mine, set((snapshots or {}).get(group.id, ())), result.refits)
+        result.scores[group.classes] = rank
+        result.curves[group.id] = curve
+    return result
 
 
-def _elimination_rank(group: Group, consumers: list[_Consumer], keep_at: set[int], refits: Refits) -> np.ndarray:
+def _elimination_rank(group: Group, consumers: list[_Consumer], keep_at: set[int],
+                      refits: Refits) -> tuple[np.ndarray, np.ndarray]:
     channels = group.classes
     rank = np.full(len(channels), float(len(channels)))
+    curve = np.full(len(channels) + 1, np.inf)
+    curve[0] = 0.0
     if not consumers:
-        return rank
+        return rank, curve
     position = {int(c): i for i, c in enumerate(channels)}
     removed = np.zeros(len(channels), dtype=bool)
     for step in range(int(len(channels) * MAX_SHARE) + 1):
@@ -126,11 +144,12 @@ def _elimination_rank(group: Group, consumers: list[_Consumer], keep_at: set[int
         chosen = int(np.argmin(cost))
         removed[chosen] = True
         rank[chosen] = step
+        curve[step + 1] = curve[step] + cost[chosen]
         for consumer in consumers:
             consumer.remove(int(channels[chosen]))
         if step + 1 in keep_at:
             refits[(group.id, step + 1)] = [(c.member.node, c.theta.copy()) for c in consumers]
-    return rank
+    return rank, curve
 
 
 def _group_costs(consumers: list[_Consumer], position: dict[int, int], size: int) -> np.ndarray:

@@ -3,11 +3,11 @@
 Removing a channel is, for the function the model computes, the same as zeroing the input columns of
 every consumer that reads it (graph outputs are frozen, so every path ends in consumers). The scan uses
 that: for each group and each candidate ratio it zeroes those columns in place, runs the model on the
-calibration data, and records the relative output error and the cost saved. With the re-fit-aware
-criterion the consumers also carry, during the run, the weights the least-squares re-fit would give them
-(from `obs.eliminate`), so the scan measures the damage that is left after reconstruction, not before.
-A greedy allocation then
-raises, one step at a time, the ratio of the group that saves the most cost per unit of added error,
+calibration data, and records how far the outputs moved (KL divergence for probability outputs, else the
+relative squared error) and the cost saved. With the re-fit-aware criterion the consumers also carry,
+during the run, the weights the least-squares re-fit would give them (from `obs.eliminate`), so the scan
+measures the damage that is left after reconstruction, not before. A greedy allocation then raises, one
+step at a time, the ratio of the group that saves the most cost per unit of added error,
 until the estimated cost meets the target.
 """
 
@@ -54,15 +54,24 @@ def scan(model: Model, cg: ChannelGraph, scores: np.ndarray, calibration: Iterab
             refit = (refits or {}).get((group.id, int(plan.sum())), [])
             with _zeroed(model, cg, plan), _refitted(model, refit):
                 sess = session(model)
-                errors[group.id][ratio] = float(np.mean([_relative_error(ref, sess.run(None, b))
+                errors[group.id][ratio] = float(np.mean([_output_error(ref, sess.run(None, b))
                                                           for ref, b in zip(reference, batches)]))
     return errors
 
 
-def _relative_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
-    num = sum(float(np.sum((r.astype(np.float64) - a) ** 2)) for r, a in zip(reference, actual))
-    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
-    return num / max(den, 1e-30)
+def _output_error(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """How far the outputs moved: KL(reference || actual) per row for outputs that are probability rows
+    (a classifier's softmax, where squared error says little about the decision), else the relative
+    squared error; summed over the outputs."""
+    total = 0.0
+    for r, a in zip(reference, actual):
+        r, a = r.astype(np.float64), a.astype(np.float64)
+        if r.ndim >= 1 and r.size and r.min() >= 0 and np.allclose(r.sum(axis=-1), 1, atol=1e-3):
+            rows = r.reshape(-1, r.shape[-1]), np.maximum(a.reshape(-1, r.shape[-1]), 1e-12)
+            total += float(np.mean(np.sum(rows[0] * (np.log(np.maximum(rows[0], 1e-12)) - np.log(rows[1])), axis=1)))
+        else:
+            total += float(np.sum((r - a) ** 2)) / max(float(np.sum(r ** 2)), 1e-30)
+    return total
 
 
 class _zeroed:
