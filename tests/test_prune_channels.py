@@ -522,3 +522,42 @@ def test_scan_error_of_probability_outputs_is_their_kl_divergence():
     kl = np.mean(np.sum(p * np.log(p / q), axis=1))
     assert _output_error([p], [q]) == pytest.approx(kl)
     assert _output_error([p * 5], [q * 5]) == pytest.approx(np.sum((p - q) ** 2) / np.sum(p ** 2))
+
+
+# ---- re-fit: ridge chosen on held-out batches, downstream layers ------------------------------------------
+def _normal_of(x, y):
+    from graphpress.pruning.reconstruct import Normal
+
+    normal = Normal(np.zeros((x.shape[1], x.shape[1])), np.zeros((x.shape[1], y.shape[1])))
+    normal.add(x, y)
+    return normal
+
+
+def test_held_out_ridge_keeps_weights_that_already_generalize_and_fixes_those_that_do_not():
+    from graphpress.pruning.reconstruct import _solve_by_held_out
+
+    rng = np.random.default_rng(3)
+    truth = rng.standard_normal((10, 3))
+    x_fit, x_held = rng.standard_normal((12, 10)), rng.standard_normal((200, 10))
+    fit = _normal_of(x_fit, x_fit @ truth + rng.standard_normal((12, 3)))  # few noisy rows: a fit memorizes
+    held = _normal_of(x_held, x_held @ truth)
+    np.testing.assert_array_equal(_solve_by_held_out(truth, fit, held), truth)
+    zeros = np.zeros_like(truth)
+    solved = _solve_by_held_out(zeros, fit, held)
+    assert held.error(solved) < 0.1 < held.error(zeros)
+
+
+def test_downstream_refit_also_refits_the_later_layers_and_lowers_the_output_error():
+    b = Builder(["N", 3, 8, 8])
+    y = b.node("Relu", [b.conv("x", 3, 8, "first")])
+    y = b.node("Relu", [b.conv(y, 8, 8, "second")])
+    model = b.model(b.conv(y, 8, 4, "third", k=1))
+    pipeline = "prune-channels(layer-ratios=['first:0.5'],ratio=0,refit={})"
+    errors = {}
+    for refit in ("consumers", "downstream"):
+        pruned, report = prune(model, pipeline.format(refit), calibration(8))
+        errors[refit] = sum(float(np.sum((ir.run(model, feed)[o] - ir.run(pruned, feed)[o]) ** 2))
+                            for feed in calibration(8) for o in ir.run(model, feed))
+        layers = [fit.layer for fit in report.reconstruction]
+        assert layers == (["second"] if refit == "consumers" else ["second", "third"])
+    assert errors["downstream"] < errors["consumers"]

@@ -20,7 +20,7 @@ from ..pruning.groups import ChannelGraph, analyze
 from ..pruning.importance import channel_scores
 from ..pruning.obs import eliminate
 from ..pruning.plan import CostModel, ratios_by_error, ratios_for_target, select, uniform_ratios
-from ..pruning.reconstruct import refit_layers
+from ..pruning.reconstruct import ancestors, refit_layers
 from ..pruning.report import build_report
 from ..pruning.sensitivity import sensitivity_ratios, steps_for
 from .base import Pass, PassContext, PassResult
@@ -43,7 +43,11 @@ class PruneChannels(Pass):
                                                # ratio for all, or (criterion=reconstruction) step by step where
                                                # the consumers' error left after the re-fit grows least per
                                                # MAC/param saved
-    ridge: float = 0.01                        # ridge strength of the re-fit, relative to mean diag(X^T X)
+    ridge: float | None = 0.01                 # ridge strength of the re-fit, relative to mean diag(X^T X);
+                                               # none: chosen per layer on held-out calibration batches
+    refit: Literal["consumers", "downstream"] = "consumers"   # re-fit the layers that lost input channels,
+                                               # or also every later layer that depends on a pruned one (they
+                                               # see the changed activations, and can absorb part of the error)
     residual: bool = True                      # also prune residual streams (channels several layers write,
                                                # joined by Add/Sub/...); false: only the channels inside blocks
 
@@ -74,8 +78,7 @@ class PruneChannels(Pass):
         masks = apply_plan(model, cg, plan)
         model.cleanup()
         if original is not None:
-            refit = [layer.node.name for layer in cg.layers
-                     if layer.in_space is not None and not masks[layer.in_space].all()]
+            refit = self._refitted_layers(cg, masks)
             out_masks = {layer.node.name: masks[layer.out_space] for layer in cg.layers
                          if layer.out_space is not None and not masks[layer.out_space].all()}
             report.reconstruction = refit_layers(original, model, refit, calibration, out_masks, self.ridge)
@@ -86,6 +89,15 @@ class PruneChannels(Pass):
         removed = int(plan.sum())
         return PassResult(True, {"removed": removed, "groups": sum(1 for g in cg.prunable() if plan[g.classes].any()),
                                  "macs_kept": round(after / max(report.macs_before, 1), 4)})
+
+    def _refitted_layers(self, cg: ChannelGraph, masks: list[np.ndarray]) -> list[str]:
+        consumers = [layer for layer in cg.layers if layer.in_space is not None and not masks[layer.in_space].all()]
+        if self.refit == "consumers":
+            return [layer.node.name for layer in consumers]
+        pruned = {id(layer.node) for layer in cg.layers
+                  if any(s is not None and not masks[s].all() for s in (layer.in_space, layer.out_space))}
+        reading = {id(layer.node) for layer in consumers}
+        return [layer.node.name for layer in cg.layers if id(layer.node) in reading or ancestors(layer.node) & pruned]
 
     def _ratios(self, model: Model, cg: ChannelGraph, scores: np.ndarray, costs: CostModel,
                 ctx: PassContext, refits=None, curves=None) -> dict[int, float]:

@@ -6,6 +6,12 @@ model's output of that layer (He et al. 2017, ThiNet). X_pruned comes from the p
 earlier layers already re-fitted, so errors do not accumulate. Conv inputs are unfolded (im2col) at a
 random sample of output positions; X^T X and X^T Y are accumulated batch by batch (bounded memory) and
 the ridge system (X^T X + lambda I) W = X^T Y + lambda W_0 is solved, pulling towards the pruned weights.
+
+Without a given ridge strength, every fifth calibration batch (from the second on) is held out: lambda is
+the one of RIDGE_GRID whose fit on the other batches reproduces the held-out batches best, and the layer
+keeps its pruned weights when those reproduce them better still (a layer seen on few rows, such as a
+classifier behind global pooling, would otherwise memorize the calibration samples). The final solve
+uses all batches.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ log = logging.getLogger("graphpress.pruning")
 
 #: a re-fit needs at least this many calibration rows per unknown weight of an output
 MIN_ROWS_PER_UNKNOWN = 1
+#: ridge strengths (relative to the mean diagonal of X^T X) tried on the held-out batches
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: batch i is held out for choosing the ridge when i % HOLDOUT_EVERY == 1
+HOLDOUT_EVERY = 5
 
 
 @dataclass
@@ -50,6 +60,9 @@ class Normal:
         residual = self.yy - 2 * np.sum(theta * self.b) + np.sum(theta * (self.a @ theta))
         return float(max(residual, 0.0) / max(self.yy, 1e-30))
 
+    def __add__(self, other: "Normal") -> "Normal":
+        return Normal(self.a + other.a, self.b + other.b, self.yy + other.yy, self.rows + other.rows)
+
     def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray:
         """The ridge solution pulled towards `theta0`; with fewer calibration rows than unknowns per output
         the fit would only memorize the calibration data, so `theta0` is kept."""
@@ -60,10 +73,11 @@ class Normal:
 
 
 def refit_layers(original: Model, pruned: Model, layers: list[str], calibration: Iterable[dict],
-                 out_masks: dict[str, np.ndarray | None], ridge: float = 1e-2, rows_per_batch: int = 2048,
+                 out_masks: dict[str, np.ndarray | None], ridge: float | None = 1e-2, rows_per_batch: int = 2048,
                  seed: int = 0) -> list[LayerFit]:
     """Re-fit the named layers of `pruned` (in graph order) against `original`'s outputs of the same
-    layers. `out_masks[name]` selects the original output channels the pruned layer still produces.
+    layers. `out_masks[name]` selects the original output channels the pruned layer still produces;
+    `ridge` None chooses it per layer on held-out batches.
 
     Layers are re-fitted in waves: a wave is a run of consecutive layers none of which reads (directly or
     not) the output of another in the same wave, so one pass over the calibration data (each model cut
@@ -92,7 +106,7 @@ def _waves(todo: list) -> list[list]:
     waves: list[list] = []
     members: set[int] = set()
     for node, layer in todo:
-        if waves and not (_ancestors(node) & members):
+        if waves and not (ancestors(node) & members):
             waves[-1].append((node, layer))
         else:
             waves.append([(node, layer)])
@@ -101,7 +115,7 @@ def _waves(todo: list) -> list[list]:
     return waves
 
 
-def _ancestors(node: gs.Node) -> set[int]:
+def ancestors(node: gs.Node) -> set[int]:
     """ids of every node `node` depends on."""
     seen: set[int] = set()
     stack = [t for t in node.inputs]
@@ -118,30 +132,48 @@ def _refit_wave(original, pruned, todo, calibration, out_masks, ridge, rows_per_
     normals = []
     for node, layer in todo:
         theta0 = layer.theta(pruned, node)
-        normals.append((theta0, Normal(np.zeros((len(theta0), len(theta0))), np.zeros((len(theta0), theta0.shape[1])))))
+        normals.append((theta0, [_empty_normal(theta0), _empty_normal(theta0)]))  # [fit, held out]
     x_names = [node.inputs[0].name for node, _ in todo]
     y_names = [node.outputs[0].name for node, _ in todo]
     label = f"refit {todo[0][0].name[:30]} (+{len(todo) - 1})"
     pairs = zip(activation_batches(truncated(pruned, x_names), x_names, calibration, progress=label),
                 activation_batches(truncated(original, y_names), y_names, calibration))
-    for xs, ys in pairs:
-        for (node, layer), (_, normal) in zip(todo, normals):
+    for index, (xs, ys) in enumerate(pairs):
+        part = int(ridge is None and index % HOLDOUT_EVERY == 1)
+        for (node, layer), (_, parts) in zip(todo, normals):
             x, y = xs[node.inputs[0].name], ys[node.outputs[0].name]
             pick = _sample(layer.count(node, x), rng, rows_per_batch)
             targets = layer.targets(y, pick)
             if out_masks.get(node.name) is not None:
                 targets = targets[:, out_masks[node.name]]
-            normal.add(layer.features(node, x, pick), targets.astype(np.float64))
+            parts[part].add(layer.features(node, x, pick), targets.astype(np.float64))
     fits = []
-    for (node, layer), (theta0, normal) in zip(todo, normals):
+    for (node, layer), (theta0, (fit, held_out)) in zip(todo, normals):
+        normal = fit + held_out
         if normal.yy == 0:
             continue
-        theta = normal.solve(theta0, ridge)
+        theta = normal.solve(theta0, ridge) if ridge is not None else _solve_by_held_out(theta0, fit, held_out)
         before, after = normal.error(theta0), normal.error(theta)
         if after < before:
             layer.store(pruned, node, theta)
         fits.append(LayerFit(node.name, before, min(after, before)))
     return fits
+
+
+def _empty_normal(theta0: np.ndarray) -> Normal:
+    return Normal(np.zeros((len(theta0), len(theta0))), np.zeros((len(theta0), theta0.shape[1])))
+
+
+def _solve_by_held_out(theta0: np.ndarray, fit: Normal, held_out: Normal) -> np.ndarray:
+    """The solution on all rows with the ridge whose fit-only solution best reproduces the held-out rows,
+    or `theta0` when that reproduces them better. With nothing held out (a single batch), RIDGE_GRID[2]."""
+    if held_out.rows == 0:
+        return (fit + held_out).solve(theta0, RIDGE_GRID[2])
+    errors = {lam: held_out.error(fit.solve(theta0, lam)) for lam in RIDGE_GRID}
+    best = min(errors, key=errors.get)
+    if held_out.error(theta0) <= errors[best]:
+        return theta0
+    return (fit + held_out).solve(theta0, best)
 
 
 def truncated(model: Model, outputs: list[str]) -> Model:
