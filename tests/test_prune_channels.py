@@ -461,13 +461,19 @@ def test_conv_transpose_is_both_a_consumer_and_a_producer():
 
 
 # ---- budget allocation: residual streams, round_to with a target, error curves -------------------------
-def test_residual_false_prunes_only_the_channels_inside_blocks():
-    model, _ = residual_model()
-    pruned, report = prune(model, "prune-channels(ratio=0.5,residual=false)")
-    assert weight(pruned, "stem").shape[0] == 8 and weight(pruned, "c2").shape[0] == 8
-    assert weight(pruned, "c1").shape[0] == 4
-    stream = next(g for g in report.groups if g.channels_before == 8 and g.channels_after == 8)
-    assert "residual stream" in stream.frozen
+def test_scope_blocks_prunes_only_the_channels_inside_blocks():
+    """A residual block followed by a linear bottleneck (`narrow`, no activation before `wide`): only the
+    block's inner channels (c1, behind a Relu) and `wide`'s (behind a Relu) may go."""
+    b = Builder(["N", 3, 8, 8])
+    stem = b.node("Relu", [b.conv("x", 3, 8, "stem")])
+    branch = b.bn(b.conv(b.node("Relu", [b.bn(b.conv(stem, 8, 8, "c1"), 8, "bn1")]), 8, 8, "c2"), 8, "bn2")
+    added = b.node("Relu", [b.node("Add", [stem, branch], name="add")])
+    wide = b.node("Relu", [b.conv(b.conv(added, 8, 8, "narrow", k=1), 8, 8, "wide", k=1)])
+    model = b.model(b.node("GlobalAveragePool", [b.conv(wide, 8, 4, "head", k=1)]))
+    pruned, report = prune(model, "prune-channels(ratio=0.5,scope=blocks)")
+    assert [weight(pruned, n).shape[0] for n in ("stem", "c1", "c2", "narrow", "wide")] == [8, 4, 8, 8, 4]
+    reasons = {g.name: g.frozen for g in report.groups}
+    assert "residual stream" in reasons["stem"] and "linear bottleneck" in reasons["narrow"]
 
 
 def test_round_to_with_a_target_does_not_overshoot():

@@ -48,16 +48,21 @@ class PruneChannels(Pass):
     refit: Literal["consumers", "downstream"] = "consumers"   # re-fit the layers that lost input channels,
                                                # or also every later layer that depends on a pruned one (they
                                                # see the changed activations, and can absorb part of the error)
-    residual: bool = True                      # also prune residual streams (channels several layers write,
-                                               # joined by Add/Sub/...); false: only the channels inside blocks
+    scope: Literal["all", "blocks"] = "all"    # which groups may lose channels: all, or only those inside
+                                               # blocks: written by one layer and passing an activation (not
+                                               # residual streams, not linear bottlenecks, whose channels are
+                                               # each needed; MobileNetV2's expanded channels, a ResNet block's
+                                               # inner ones)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         shapes = tensor_shapes(infer_shapes(model))
         cg = analyze(model, shapes)
-        if not self.residual:
+        if self.scope == "blocks":
             for group in cg.prunable():
                 if group.writers > 1:
-                    group.frozen = "a residual stream (residual=false)"
+                    group.frozen = "a residual stream (scope=blocks)"
+                elif not group.activated:
+                    group.frozen = "a linear bottleneck: no activation between its layers (scope=blocks)"
         calibration = ctx.calibration
         refits = curves = None
         if self.criterion == "reconstruction" and calibration is not None:

@@ -40,6 +40,9 @@ ELEMENTWISE_UNARY = {
     "Round", "Sign", "Identity", "Dropout", "Cast", "Clip", "ThresholdedRelu", "Sin", "Cos", "Not",
     "QuantizeLinear", "DequantizeLinear", "IsNaN", "IsInf",
 }
+#: the element-wise non-linearities (a group whose channels pass one is `activated`)
+ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
+               "Gelu", "Softplus", "Softsign", "Mish", "Clip", "ThresholdedRelu"}
 #: ops over the spatial axes of an NCHW tensor: channels pass through on axis 1 only
 SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
            "InstanceNormalization", "Resize", "Upsample"}
@@ -116,6 +119,8 @@ class Group:
     blocks: int = 1
     #: how many layers write these channels (more than one: a residual stream joined by Add/Sub/...)
     writers: int = 1
+    #: the channels pass an activation (not a linear bottleneck going straight from one layer to the next)
+    activated: bool = False
 
     @property
     def size(self) -> int:
@@ -207,8 +212,9 @@ class ChannelGraph:
             classes = np.array(channels, dtype=np.int64)
             sids = tuple(sorted(set().union(*(touched[c] for c in channels))))
             reason = frozen_channels[channels[0]] if key[1] else None
+            activated = any(p.op in ACTIVATIONS for sid in sids for p in self.spaces[sid].tensor.inputs)
             group = Group(len(self.groups), self._group_name(sids), classes, sids, frozen=reason,
-                          writers=writers[key])
+                          writers=writers[key], activated=activated)
             for sid in sids:
                 if sid in self.blocks:
                     group.block_space, group.blocks = sid, self.blocks[sid]
