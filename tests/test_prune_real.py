@@ -95,3 +95,21 @@ def test_resnet8_nhwc_groups_reach_the_dense_layer():
     dense = next(n for n in pruned.graph.nodes if n.op == "MatMul")
     assert pruned.constant_value(dense.inputs[1]).shape[0] < 64
     assert [g.name for g in report.groups if g.frozen] == ["model/dense/MatMul;model/dense/BiasAdd"]
+
+
+@needs_shared
+@pytest.mark.parametrize("key,target", [("resnet8", 0.7), pytest.param("mobilenet_v2", 0.8, marks=pytest.mark.slow)])
+def test_scope_blocks_keeps_residual_streams_and_bottlenecks_whole(key, target):
+    """scope=blocks under a MACs target: only layers whose outputs pass an activation inside a block lose
+    channels (ResNet-8's first conv of each block, MobileNetV2's expand convs and its last 1x1); every
+    layer feeding a residual Add or a linear bottleneck keeps its width."""
+    model = ir.load(realdata.model_path(key))
+    pruned, report = prune_and_check(model, f"prune-channels(target-macs={target},scope=blocks,reconstruct=false)")
+    assert macs(pruned).total <= target * macs(model).total
+    widths = {n.name: pruned.constant_value(n.inputs[1]).shape[0] for n in pruned.graph.nodes if n.op == "Conv"}
+    original = {n.name: model.constant_value(n.inputs[1]).shape[0] for n in model.graph.nodes if n.op == "Conv"}
+    linear = [name for name in original if "Relu" not in name and "Conv2d_1c" not in name]  # TF names tell
+    assert linear and all(widths[name] == original[name] for name in linear)
+    assert any(widths[name] < original[name] for name in original if name not in linear)
+    frozen = " ".join(g.frozen or "" for g in report.groups)
+    assert "residual stream" in frozen
