@@ -7,9 +7,11 @@ Every such op, once legalized in a channels-last layout, is a block
 so one template fits all of them: split s_k into vectors (the output channels / matmul columns),
 fuse s_0..s_{k-1} (the output pixels / matmul rows) and split them into a register tile, keep the tile's accumulators in a
 `local` buffer that LLVM promotes to vector registers, put the reduction loops around the tile, and
-parallelize the loops outside it. Padding is inlined into the reduction as a guarded load (the
+parallelize the loops outside it. Padding is a separate vectorized copy of the input when the
+reduction runs over input channels (its loads are broadcasts, which a bounds check would keep out of
+the FMA), and inlined into the reduction as a guarded load for depthwise convolutions and pooling (the
 guard depends on the window position only, so the channel vectors stay intact, and no padded copy
-of the input is made). The epilogue that FuseOps attached (bias, ReLU/Clip, residual add with its
+of a large map is made). The epilogue that FuseOps attached (bias, ReLU/Clip, residual add with its
 DequantizeLinear, requantization) is inlined into one block and computed per tile, right after the
 accumulators are final.
 
@@ -46,7 +48,8 @@ class TiledReduction(CPUScheduleRule):
         main = reductions[0].block_rv
         dtype = str(sch.get(main).writes[0].source.dtype)
         unit = vector_unit(target)
-        try_inline(sch, [b for b in infos if b is not reductions[0]])
+        pad = [b for b in infos if b.name == "pad_temp" and _reduces_innermost(sch, main, b.block_rv)]
+        try_inline(sch, [b for b in infos if b is not reductions[0] and b not in pad])
         depth = _reduction_block_depth(sch, main, dtype)
         channels = int(reductions[0].dom()[len(reductions[0].dom_kind().replace("R", "")) - 1])
         lanes = channel_lanes(channels, unit.lanes(dtype))
@@ -54,7 +57,24 @@ class TiledReduction(CPUScheduleRule):
             tile_reduction_blocked(sch, main, lanes, unit.accumulators, depth)
         else:
             tile_reduction(sch, main, lanes, unit.accumulators)
+        for info in pad:
+            schedule_injective(sch, info.block_rv, lanes)
         return sch
+
+
+def _reduces_innermost(sch: s_tir.Schedule, block, producer) -> bool:
+    """Whether `block` reads `producer`'s output with its innermost reduction variable as the innermost
+    index: a convolution reducing over input channels, as opposed to depthwise convolutions and pooling.
+
+    Those convolutions keep the padded input as a separate vectorized copy: inlined, each input load
+    carries the window's bounds check, which stops LLVM from folding the broadcast into the FMA
+    (ResNet-8: 0.43 -> 0.24 ms). Depthwise convolutions load whole channel vectors, where the check is
+    cheap and the copy of a large map is not.
+    """
+    last = sch.get(block).iter_vars[-1]
+    buffer = sch.get(producer).writes[0].source
+    return last.iter_type != tirx.IterVar.DataPar and any(
+        r.source.same_as(buffer) and is_var(innermost_index(r), last.var) for r in sch.get(block).reads)
 
 
 def channel_lanes(channels: int, lanes: int) -> int:
