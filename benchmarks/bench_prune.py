@@ -6,11 +6,18 @@ and the MNIST LeNet (accuracy on 10000 digits), every MACs target is pruned thre
   DepGraph groups), the peer a user would reach for; Torch-Pruning itself only takes PyTorch modules,
   so it is reproduced here on the same dependency groups.
 - `l1+refit`: the same channels, consumers re-fitted by least squares on calibration data;
-- `reconstruction+refit`: channels chosen by the re-fit-aware greedy criterion, then re-fitted.
+- `reconstruction+refit`: channels chosen by the re-fit-aware greedy criterion, then re-fitted;
+- `blocks`: the same, but only channels inside blocks (`scope=blocks`: MobileNetV2's expanded channels,
+  a ResNet block's inner ones; residual streams and linear bottlenecks stay whole);
+- `blocks+alloc`: as `blocks`, with the target spread by the consumers' post-refit error curves
+  (`allocate=refit-error`) instead of one ratio for all groups;
+- `blocks+alloc+downstream`: as `blocks+alloc`, also re-fitting every later layer (`refit=downstream`)
+  with ridge strengths chosen on held-out calibration batches (`ridge=none`);
+- `blocks+round8`: as `blocks`, kept channel counts multiples of 8 (`round-to=8`), for the latency.
 Calibration: benchmarks/realdata.py's split (100 samples: every 20th CIFAR image from index 1, every 10th
 ImageNet image from index 5, every 100th MNIST digit from index 3); the metric is on all samples.
 Latency: onnxruntime, all graph optimizations, one thread, batch 1, median of interleaved rounds of the
-original and the pruned model.
+original and the pruned model (the 1-minute load average is recorded beside it).
 
     .venv/bin/python -m benchmarks.bench_prune [--models resnet8,lenet] [--quick]
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +44,10 @@ METHODS = {
     "l1": "criterion=l1,reconstruct=false",
     "l1+refit": "criterion=l1",
     "reconstruction+refit": "criterion=reconstruction",
+    "blocks": "criterion=reconstruction,scope=blocks",
+    "blocks+alloc": "criterion=reconstruction,scope=blocks,allocate=refit-error",
+    "blocks+alloc+downstream": "criterion=reconstruction,scope=blocks,allocate=refit-error,refit=downstream,ridge=none",
+    "blocks+round8": "criterion=reconstruction,scope=blocks,round-to=8",
 }
 CASES = {
     "resnet8": {"targets": [0.9, 0.8, 0.7, 0.6], "calibration": (100, 10)},
@@ -73,7 +85,7 @@ def run_case(key: str, quick: bool, methods: list[str]) -> dict:
                    "params_kept": pruned.parameter_count() / result["params"],
                    "metric": metric, "metric_drop_points": 100 * (result["float_metric"] - metric),
                    "prune_seconds": seconds, "latency_ms": pruned_ms, "original_latency_ms": original_ms,
-                   "speedup": original_ms / pruned_ms}
+                   "speedup": original_ms / pruned_ms, "loadavg_1min": os.getloadavg()[0]}
             print(json.dumps({"model": key, **run}), flush=True)
             result["runs"].append(run)
     _set_goal(key, result)
@@ -128,7 +140,8 @@ def main() -> None:
         result = {"machine": realdata.machine(), **run_case(key, args.quick, methods)}
         path = RESULTS / f"prune_{key}.json"
         if path.exists() and set(methods) != set(METHODS):
-            kept = [r for r in json.loads(path.read_text())["runs"] if r["method"] not in methods]
+            kept = [{**r, "earlier_run": True} for r in json.loads(path.read_text())["runs"]
+                    if r["method"] not in methods]  # measured by an earlier invocation (maybe another host/load)
             order = list(METHODS)
             result["runs"] = sorted(kept + result["runs"], key=lambda r: (-r["target_macs"], order.index(r["method"])))
             _set_goal(key, result)
