@@ -184,6 +184,22 @@ def test_aarch64_target_lowers_with_neon_vectors():
     relax.build(lowered, target=target)
 
 
+def test_onnx_sum_keeps_the_channels_last_layout():
+    """TVM imports Sum as stack + sum (rank 5), on which its layout conversion gave up for the whole
+    module (light ResNet-50: NCHW convolutions, 30x slower); as Adds it converts and fuses."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["x", "w2"], ["b"], kernel_shape=[1, 1]),
+             helper.make_node("Sum", ["a", "b", "x"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    model = make_model(nodes, [tensor("x", 1, 16, 8, 8)], [tensor("y", 1, 16, 8, 8)],
+                       [weight("w1", 16, 16, 3, 3), weight("w2", 16, 16, 1, 1)])
+    rules = assert_matches_onnxruntime(model, {"x": RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)})
+    assert sorted(r for n, r in rules.items() if "conv2d" in n) == ["TiledReduction"] * 2, rules
+    specs, _ = input_specs(model, None, "test")
+    prepared = pipeline.prepare(import_relax(model, specs, "test"), targets.resolve("x86").tvm_target())
+    assert "NCHW" not in prepared.script() and "stack" not in prepared.script()
+
+
 def test_avx512_tiles_take_half_vectors_when_whole_ones_do_not_divide_the_channels():
     """24 output channels on AVX-512: three 8-lane vectors, not one 24-lane vector (which LLVM split
     and spilled: MobileNetV2's 24-channel projections ran 5x slower than on AVX2)."""

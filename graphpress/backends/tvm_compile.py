@@ -185,7 +185,7 @@ def import_relax(proto: onnx.ModelProto, inputs: list[TensorSpec], where: str):
         more = f" and {len(missing) - 1} more node(s)" if len(missing) > 1 else ""
         raise BackendError(f"{where}: TVM 0.27 cannot import op {op} (node {name!r}{more}; unsupported ops: "
                            f"{', '.join(ops)}); {ORT_HINT}")
-    proto = _sub_byte_widened(_constant_shapes_folded(proto))
+    proto = _sums_as_adds(_sub_byte_widened(_constant_shapes_folded(proto)))
     importer = _importer_class()(shape_dict={t.name: t.shape for t in inputs},
                                dtype_dict={t.name: t.dtype for t in inputs}, keep_params_in_input=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -227,6 +227,35 @@ def _with_replaced(proto: onnx.ModelProto, field: str, replacements: dict) -> on
     edited.CopyFrom(proto)
     for i, message in replacements.items():
         getattr(edited.graph, field)[i].CopyFrom(message)
+    return edited
+
+
+def _sums_as_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` with every top-level Sum of n >= 2 inputs written as n - 1 Adds (opset >= 8,
+    where both broadcast alike).
+
+    TVM 0.27 imports Sum as `stack` along a new leading axis, `sum` over it and `broadcast_to`: a
+    rank-5 tensor that its layout conversion rejects for the whole module ("Invalid SLayout"), which
+    left the light ResNet-50's convolutions in NCHW, where graphpress' CPU schedules do not apply
+    (30x slower than onnxruntime). Adds take the layout and fuse into the convolution before them.
+    """
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < 8 or not any(n.op_type == "Sum" and len(n.input) > 1 for n in proto.graph.node):
+        return proto
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            nodes.append(node)
+            continue
+        total = node.input[0]
+        for i, term in enumerate(node.input[1:], 1):
+            out = node.output[0] if i == len(node.input) - 1 else f"{node.output[0]}__partial_sum{i}"
+            nodes.append(onnx.helper.make_node("Add", [total, term], [out], name=f"{node.name}__add{i}"))
+            total = out
+    edited = onnx.ModelProto()
+    edited.CopyFrom(proto)
+    del edited.graph.node[:]
+    edited.graph.node.extend(nodes)
     return edited
 
 
