@@ -136,7 +136,10 @@ def test_qdq_matmul_runs_in_integer_arithmetic(tmp_path):
     qdq = quantize_static(model, calibration, tmp_path)
     integer, floating = integer_kernels(qdq)
     assert len(integer) == 1 and not floating
-    assert_int8_matches(qdq, {"x": RNG.standard_normal((1, 10, 32)).astype(np.float32)})
+    feeds = {"x": RNG.standard_normal((1, 10, 32)).astype(np.float32)}
+    assert assert_int8_matches(qdq, feeds) >= 0.99
+    _, rules = lower_and_run(qdq, feeds)
+    assert [r for n, r in rules.items() if "matmul" in n] == ["TiledPairs"]  # packed weights, vpmaddwd
 
 
 def test_asymmetric_weights_stay_float(tmp_path):

@@ -1,4 +1,4 @@
-"""int16 convolutions as pairwise dot products: packed weights and the `vpmaddwd` tensor intrinsic.
+"""int16 convolutions and matmuls as pairwise dot products: packed weights and the `vpmaddwd` intrinsic.
 
 `int8.integer_conv_matmul` leaves `conv2d(int16 NHWC, int16 HWIO, out_dtype=int32)`. Vectorized over
 output channels as it is, LLVM widens every product to int32 and multiplies with `vpmulld` (8 products
@@ -12,8 +12,12 @@ time) to [kh, kw, C/2, O, 2], and the convolution is written in that layout (`co
 schedule rule `schedules.pairs.TiledPairs` tiles it like any convolution and tensorizes the innermost
 [outputs x pair] loops with `PAIR_DOT[lanes]` (AVX-512 VNNI's `vpdpwssd` fuses the add).
 
-Applied on x86 targets with AVX2 or AVX-512, to groups=1 convolutions with an even channel count;
-depthwise and odd-channel convolutions keep the plain int16 schedule.
+Matmuls with a constant 2-D weight [K, N] (even K) are packed the same way, to [K/2, N, 2]
+(`matmul_pairs`), and take the same schedule.
+
+Applied on x86 targets with AVX2 or AVX-512, to groups=1 convolutions with an even channel count and
+to such matmuls; depthwise and odd-channel convolutions and activation x activation matmuls keep the
+plain int16 schedule.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tvm.ir.expr import Constant
 from tvm.script import tirx as T
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+_MATMUL = tvm.ir.Op.get("relax.matmul")
 #: output lanes per instruction -> tensor intrinsic name
 PAIR_DOT = {8: "graphpress_pair_dot_8_avx2", 16: "graphpress_pair_dot_16_avx512"}
 _LLVM_INTRINSIC = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
@@ -92,17 +97,33 @@ def conv2d_nhwc_pairs(data: te.Tensor, kernel: te.Tensor, strides, padding, dila
         name=BLOCK_NAME)
 
 
+def matmul_pairs(data: te.Tensor, kernel: te.Tensor) -> te.Tensor:
+    """[..., M, K] int16 times [K/2, N, 2] int16 packed weights, int32 result [..., M, N]."""
+    pairs, columns, _ = (int(d) for d in kernel.shape)
+    rc, rp = te.reduce_axis((0, pairs), "rc"), te.reduce_axis((0, 2), "rp")
+    return te.compute(
+        (*data.shape[:-1], columns),
+        lambda *index: te.sum(data[(*index[:-1], rc * 2 + rp)].astype("int32")
+                              * kernel[rc, index[-1], rp].astype("int32"), axis=[rc, rp]),
+        name=BLOCK_NAME)
+
+
 @relax.expr_functor.mutator
 class _PairConvolutions(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op != _CONV2D or not _fits(call):
+        if not (_fits(call) or _fits_matmul(call)):
             return call
         weight = call.args[1]
         if isinstance(weight, relax.Var):
             weight = self.lookup_binding(weight)
         if not isinstance(weight, Constant):
             return call
+        if call.op == _MATMUL:
+            k, n = weight.value.numpy().shape
+            packed = np.ascontiguousarray(weight.value.numpy().reshape(k // 2, 2, n).transpose(0, 2, 1))
+            return self.builder_.call_te(matmul_pairs, call.args[0], relax.const(packed, "int16"),
+                                         primfunc_name_hint="matmul_pairs")
         hwio = weight.value.numpy()
         kh, kw, cin, cout = hwio.shape
         packed = np.ascontiguousarray(hwio.reshape(kh, kw, cin // 2, 2, cout).transpose(0, 1, 2, 4, 3))
@@ -113,7 +134,18 @@ class _PairConvolutions(relax.PyExprMutator):
             dilation=[int(d) for d in attrs.dilation], primfunc_name_hint="conv2d_pairs")
 
 
+def _fits_matmul(call) -> bool:
+    """An int16 matmul whose second operand is a 2-D weight with an even reduction length."""
+    if call.op != _MATMUL:
+        return False
+    data, weight = call.args[0].ty, call.args[1].ty
+    return (str(data.dtype) == "int16" and str(weight.dtype) == "int16" and str(call.ty.dtype) == "int32"
+            and len(weight.shape.values) == 2 and int(weight.shape.values[0]) % 2 == 0)
+
+
 def _fits(call) -> bool:
+    if call.op != _CONV2D:
+        return False
     attrs = call.attrs
     data, weight = call.args[0].ty, call.args[1].ty
     return (str(data.dtype) == "int16" and str(weight.dtype) == "int16" and str(call.ty.dtype) == "int32"
@@ -122,7 +154,8 @@ def _fits(call) -> bool:
 
 
 def pair_convolutions(target):
-    """Pass: int16 NHWC convolutions -> `conv2d_nhwc_pairs` with packed weights (x86 AVX2/AVX-512 only)."""
+    """Pass: int16 NHWC convolutions and weight matmuls -> `conv2d_nhwc_pairs` / `matmul_pairs` with packed
+    weights (x86 AVX2/AVX-512 only)."""
     from .machine import vector_unit
 
     enabled = not str(target.attrs.get("mtriple", "x86_64")).startswith("aarch64") and vector_unit(target).bits >= 256
