@@ -142,6 +142,17 @@ def test_qdq_matmul_runs_in_integer_arithmetic(tmp_path):
     assert [r for n, r in rules.items() if "matmul" in n] == ["TiledPairs"]  # packed weights, vpmaddwd
 
 
+def test_qdq_matmul_with_odd_columns_is_padded_and_exact(tmp_path):
+    """70 columns padded to 80 for the pair kernel, sliced back before the requantization."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = make_model(nodes, [tensor("x", 1, 6, 32)], [tensor("y", 1, 6, 70)], [weight("w", 32, 70)], opset=13)
+    qdq = quantize_static(model, [{"x": RNG.standard_normal((1, 6, 32)).astype(np.float32)} for _ in range(4)], tmp_path)
+    feeds = {"x": RNG.standard_normal((1, 6, 32)).astype(np.float32)}
+    assert assert_int8_matches(qdq, feeds) >= 0.99
+    _, rules = lower_and_run(qdq, feeds)
+    assert [r for n, r in rules.items() if "matmul" in n] == ["TiledPairs"], rules
+
+
 def test_asymmetric_weights_stay_float(tmp_path):
     """A per-channel weight zero point != 0 has no exact form as int16 products here: it stays float."""
     model = conv_block(cin=8, cout=16, k=3, hw=8)

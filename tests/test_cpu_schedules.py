@@ -200,6 +200,24 @@ def test_onnx_sum_keeps_the_channels_last_layout():
     assert "NCHW" not in prepared.script() and "stack" not in prepared.script()
 
 
+@pytest.mark.parametrize("op", ["conv", "matmul"])
+def test_odd_output_channels_are_padded_to_whole_vectors(op):
+    """70 output channels (no 4-lane vector divides them): computed as 80, sliced back, fused."""
+    if op == "conv":
+        model = conv_block(cin=16, cout=70, k=1, hw=6)
+        feeds = {"x": RNG.standard_normal((1, 16, 6, 6)).astype(np.float32)}
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+        model = make_model(nodes, [tensor("x", 1, 5, 32)], [tensor("y", 1, 5, 70)], [weight("w", 32, 70), weight("b", 70)])
+        feeds = {"x": RNG.standard_normal((1, 5, 32)).astype(np.float32)}
+    rules = assert_matches_onnxruntime(model, feeds)
+    fused = [name for name in rules if "conv2d" in name or "matmul" in name]
+    assert len(fused) == 1 and "strided_slice" in fused[0] and rules[fused[0]] == "TiledReduction", rules
+    specs, _ = input_specs(model, None, "test")
+    script = pipeline.prepare(import_relax(model, specs, "test"), targets.resolve("x86").tvm_target()).script()
+    assert "T.int64(80)" in script
+
+
 def test_avx512_tiles_take_half_vectors_when_whole_ones_do_not_divide_the_channels():
     """24 output channels on AVX-512: three 8-lane vectors, not one 24-lane vector (which LLVM split
     and spilled: MobileNetV2's 24-channel projections ran 5x slower than on AVX2)."""

@@ -11,6 +11,7 @@ tuned functions keep their tuned schedules).
 1. Layout: convolutions to channels-last (NHWC activations, HWIO weights) so the output channel
    is the contiguous, vectorized axis of both the output and the weights; the weight transposes
    fold into the constants, and layout conversions between consecutive convolutions cancel.
+   Output channels that no vector divides are padded (see `channel_padding`).
    exp, erf, tanh and softmax as TVM's polynomial `fast_*` versions (~1e-7 relative error), which
    vectorize; the default lowering calls scalar libm per element (GELU's erf was half of MiniLM's time).
 2. Legalize and fuse: conv/matmul + bias + activation + residual add become one PrimFunc.
@@ -23,6 +24,7 @@ def prepare_passes(target) -> list:
     """Layout, legalization and fusion passes for `target`, in order (no schedules)."""
     from tvm import relax
 
+    from .channel_padding import pad_output_channels
     from .int8 import elementwise_qdq, integer_conv_matmul
     from .pairs import pair_convolutions
     from .relax_rewrites import channels_last, clip_to_relax_ops, fold_constants_numpy
@@ -36,6 +38,7 @@ def prepare_passes(target) -> list:
         clip_to_relax_ops(),
         channels_last(),
         fold_constants_numpy(),
+        pad_output_channels(),
         pair_convolutions(target),
         relax.transform.FastMathTransform(),  # vectorizable exp/erf/tanh/softmax: libm calls are scalar
         relax.transform.FoldConstant(),
