@@ -64,7 +64,7 @@ def output_step(model: onnx.ModelProto) -> float:
 def integer_kernels(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Names of the fused conv/matmul functions after `prepare`: (integer ones, float ones).
 
-    Integer convolutions are the channel-pair `conv2d_pairs` kernels; integer matmuls take int16.
+    Integer convolutions are the packed `conv2d_pairs` / `conv2d_quads` kernels; integer matmuls take int16 or uint8.
     """
     specs, _ = input_specs(model, None, "test")
     target = targets.resolve("x86").tvm_target()
@@ -75,7 +75,7 @@ def integer_kernels(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
         if isinstance(func, tvm.tirx.PrimFunc) and ("conv2d" in name or "matmul" in name):
             signature = next(line for line in func.script().splitlines() if "def main(" in line)
             first_dtype = re.search(r'"(\w+)"\)', signature).group(1)
-            is_integer = "conv2d_pairs" in name or ("matmul" in name and first_dtype == "int16")
+            is_integer = "conv2d_pairs" in name or "conv2d_quads" in name or ("matmul" in name and first_dtype in ("int16", "uint8"))
             (integer if is_integer else floating).append(name)
     assert "dequantize" not in str(prepared) and "quantize(" not in str(prepared)
     return integer, floating
@@ -98,14 +98,14 @@ def residual_conv_net():
     return make_model(nodes, [tensor("x", 1, 8, 12, 12)], [tensor("y", 1, 24, 6, 6)], inits, opset=13)
 
 
-def assert_int8_matches(qdq: onnx.ModelProto, feeds: dict) -> float:
+def assert_int8_matches(qdq: onnx.ModelProto, feeds: dict, target_name: str = "x86") -> float:
     """Within one output quantization step of onnxruntime's exact QDQ reference; returns the share of
     outputs equal to it.
 
     onnxruntime's fused integer kernels are not the reference: on x86 without VNNI they add
     uint8 x int8 products pairwise in saturating int16 and can be off by several steps.
     """
-    got, _ = lower_and_run(qdq, feeds)
+    got, _ = lower_and_run(qdq, feeds, target_name)
     step = output_step(qdq)
     reference = onnxruntime_qdq(qdq, feeds, optimized=False)
     for g, w in zip(got, reference):
@@ -114,22 +114,42 @@ def assert_int8_matches(qdq: onnx.ModelProto, feeds: dict) -> float:
     return float(np.mean(np.isclose(got[0], reference[0], rtol=0, atol=step * 1e-3)))
 
 
-def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path):
+#: the host's own target (channel quads with vpdpbusd where it has VNNI) and AVX2 (pairs, vpmaddwd)
+HOST_AND_AVX2 = ["x86", "x86-64-v3"]
+
+
+@pytest.mark.parametrize("target_name", HOST_AND_AVX2)
+def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path, target_name):
     model = residual_conv_net()
     calibration = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
     qdq = quantize_static(model, calibration, tmp_path)
     integer, floating = integer_kernels(qdq)
     assert len(integer) == 3 and len(floating) == 1  # the depthwise conv stays float (no channel pairs)
     feeds = {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}
-    assert assert_int8_matches(qdq, feeds) >= 0.99  # ties in the requantization rounding are the only differences
-    got, rules = lower_and_run(qdq, feeds)
+    # ties in the requantization rounding are the only differences
+    assert assert_int8_matches(qdq, feeds, target_name) >= 0.99
+    got, rules = lower_and_run(qdq, feeds, target_name)
     conv_rules = sorted(rule for name, rule in rules.items() if "conv2d" in name)
-    assert conv_rules == ["TiledPairs"] * 3 + ["TiledReduction"]  # vpmaddwd; the depthwise conv has no pairs
+    assert conv_rules == ["TiledPairs"] * 3 + ["TiledReduction"]  # packed kernels; the depthwise conv has none
     fused = onnxruntime_qdq(qdq, feeds, optimized=True)[0]  # QLinearConv: integer-exact on this graph
     assert float(np.abs(got[0] - fused).max()) <= output_step(qdq) * 1.001
 
 
-def test_qdq_matmul_runs_in_integer_arithmetic(tmp_path):
+def test_vnni_targets_take_channel_quads(tmp_path):
+    """With VNNI, 3x3 (padded with the zero point) and 1x1 convolutions and matmuls use u8 x s8 quads
+    (`vpdpbusd`); AVX2 keeps int16 pairs (`vpmaddwd`). Lowered only: the host may lack VNNI."""
+    qdq = quantize_static(residual_conv_net(), [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}], tmp_path)
+    specs, _ = input_specs(qdq, None, "test")
+    scripts = {}
+    for name, config in (("vnni", {"kind": "llvm", "mcpu": "znver4"}), ("avx2", {"kind": "llvm", "mcpu": "znver3"})):
+        target = targets.resolve(target_json=config).tvm_target()
+        scripts[name] = pipeline.lower(import_relax(qdq, specs, "test"), target).script()
+    assert scripts["vnni"].count("vpdpbusd") == 3 and "pmadd" not in scripts["vnni"]
+    assert scripts["avx2"].count("pmadd.wd") == 3 and "vpdpbusd" not in scripts["avx2"]
+
+
+@pytest.mark.parametrize("target_name", HOST_AND_AVX2)
+def test_qdq_matmul_runs_in_integer_arithmetic(tmp_path, target_name):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
     model = make_model(nodes, [tensor("x", 1, 10, 32)], [tensor("y", 1, 10, 24)], [weight("w", 32, 24)], opset=13)
     calibration = [{"x": RNG.standard_normal((1, 10, 32)).astype(np.float32)} for _ in range(8)]
@@ -137,8 +157,8 @@ def test_qdq_matmul_runs_in_integer_arithmetic(tmp_path):
     integer, floating = integer_kernels(qdq)
     assert len(integer) == 1 and not floating
     feeds = {"x": RNG.standard_normal((1, 10, 32)).astype(np.float32)}
-    assert assert_int8_matches(qdq, feeds) >= 0.99
-    _, rules = lower_and_run(qdq, feeds)
+    assert assert_int8_matches(qdq, feeds, target_name) >= 0.99
+    _, rules = lower_and_run(qdq, feeds, target_name)
     assert [r for n, r in rules.items() if "matmul" in n] == ["TiledPairs"]  # packed weights, vpmaddwd
 
 

@@ -1,23 +1,34 @@
-"""int16 convolutions and matmuls as pairwise dot products: packed weights and the `vpmaddwd` intrinsic.
+"""int8 convolutions and matmuls as grouped dot products: packed weights and x86 dot-product intrinsics.
 
-`int8.integer_conv_matmul` leaves `conv2d(int16 NHWC, int16 HWIO, out_dtype=int32)`. Vectorized over
-output channels as it is, LLVM widens every product to int32 and multiplies with `vpmulld` (8 products
-per instruction, 10-cycle latency on Zen). x86's `vpmaddwd` multiplies 16 int16 pairs and adds adjacent
-products into 8 int32 lanes in one instruction, exactly, so two input channels advance at once:
+`int8.integer_conv_matmul` leaves `conv2d(int16 NHWC, int16 HWIO, out_dtype=int32)` (and matmuls
+alike), on `int16(xq) - zero_point`. Vectorized over output channels as it is, LLVM widens every
+product to int32 and multiplies with `vpmulld` (8 products per instruction, 10-cycle latency on Zen).
+x86 has instructions that multiply groups of adjacent narrow values and add each group into one int32
+lane, exactly:
 
-    acc[o] += x[c] * w[c, o] + x[c+1] * w[c+1, o]        for 8 (AVX2) or 16 (AVX-512) outputs o
+- pairs, `vpmaddwd` (AVX2, AVX-512): int16 x int16, two input channels per output lane;
+- quads, `vpdpbusd` (AVX-512 VNNI, AVX-VNNI): uint8 x int8, four input channels per lane, with the
+  accumulation fused.
 
-That needs the weights of channel pairs side by side: HWIO [kh, kw, C, O] is packed (numpy, at compile
-time) to [kh, kw, C/2, O, 2], and the convolution is written in that layout (`conv2d_nhwc_pairs`). The
-schedule rule `schedules.pairs.TiledPairs` tiles it like any convolution and tensorizes the innermost
-[outputs x pair] loops with `PAIR_DOT[lanes]` (AVX-512 VNNI's `vpdpwssd` fuses the add).
+    acc[o] += x[c] * w[c, o] + ... + x[c+g-1] * w[c+g-1, o]       for 8 (ymm) or 16 (zmm) outputs o
 
-Matmuls with a constant 2-D weight [K, N] (even K) are packed the same way, to [K/2, N, 2]
-(`matmul_pairs`), and take the same schedule.
+That needs the weights of a channel group side by side: HWIO [kh, kw, C, O] is packed (numpy, at
+compile time) to [kh, kw, C/g, O, g] (`conv2d_nhwc_packed`), a matmul weight [K, N] to [K/g, N, g]
+(`matmul_packed`). The schedule rule `schedules.pairs.TiledPairs` tiles them like any convolution and
+tensorizes the innermost [outputs x group] loops with `DOT[lanes, g]`.
 
-Applied on x86 targets with AVX2 or AVX-512, to groups=1 convolutions with an even channel count and
-to such matmuls; depthwise and odd-channel convolutions and activation x activation matmuls keep the
-plain int16 schedule.
+Quads need unsigned activations: u = xq + 128 for int8 xq (u = xq for uint8), i.e. u = (xq - zx) + c
+with c = zx + 128 (or zx), so
+
+    sum (xq - zx) * w  =  sum u * w  -  c * sum w
+
+where the last term is a per-output-channel constant subtracted after the product. Padding the input
+with u = c (the real zero) keeps padded convolutions exact. Weights must fit int8 (symmetric, as
+insert-qdq makes them) and the reduction length be a multiple of 4; otherwise pairs are used.
+
+Applied on x86 targets with AVX2 or AVX-512 (quads when the target has VNNI) to groups=1
+convolutions with an even channel count and to matmuls with a constant 2-D weight; depthwise and
+odd-channel convolutions and activation x activation matmuls keep the plain int16 schedule.
 """
 
 from __future__ import annotations
@@ -30,86 +41,121 @@ from tvm.script import tirx as T
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
-#: output lanes per instruction -> tensor intrinsic name
-PAIR_DOT = {8: "graphpress_pair_dot_8_avx2", 16: "graphpress_pair_dot_16_avx512"}
-_LLVM_INTRINSIC = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
-BLOCK_NAME = "conv2d_nhwc_pairs"
+_ASTYPE = tvm.ir.Op.get("relax.astype")
+_SUBTRACT = tvm.ir.Op.get("relax.subtract")
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
+#: (int32 output lanes, products per lane) -> tensor intrinsic name
+DOT = {(8, 2): "graphpress_pair_dot_8_avx2", (16, 2): "graphpress_pair_dot_16_avx512",
+       (8, 4): "graphpress_quad_dot_8_vnni", (16, 4): "graphpress_quad_dot_16_vnni"}
+_LLVM_INTRINSIC = {(8, 2): "llvm.x86.avx2.pmadd.wd", (16, 2): "llvm.x86.avx512.pmaddw.d.512",
+                   (8, 4): "llvm.x86.avx512.vpdpbusd.256", (16, 4): "llvm.x86.avx512.vpdpbusd.512"}
+#: products per lane -> (activation dtype, weight dtype)
+_DTYPES = {2: ("int16", "int16"), 4: ("uint8", "int8")}
+BLOCK_NAME = "packed_dot"
 
 
-def _pair_dot(lanes: int):
-    """(description, implementation) of C[i] += sum_k int32(A[k]) * int32(B[i, k]), i < lanes, k < 2.
+def _grouped_dot(lanes: int, group: int):
+    """(description, implementation) of C[i] += sum_k int32(A[k]) * int32(B[i, k]), i < lanes, k < group.
 
     C is the register tile's `local` accumulator buffer.
     """
+    a_dtype, b_dtype = _DTYPES[group]
+    a_vector, b_vector = f"{a_dtype}x{group}", f"{b_dtype}x{group * lanes}"
+    intrinsic = _LLVM_INTRINSIC[lanes, group]
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+    def desc(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 2):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((lanes, 2), "int16", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+    def pair_impl(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
+                  C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
-            pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-            broadcast = T.reinterpret(T.broadcast(pair, lanes), dtype=f"int16x{2 * lanes}")
+            both = T.reinterpret(A.vload([0], a_vector), dtype="int32")
+            broadcast = T.reinterpret(T.broadcast(both, lanes), dtype=f"int16x{2 * lanes}")
             C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(_LLVM_INTRINSIC[lanes]), broadcast,
-                B.vload([0, 0], dtype=f"int16x{2 * lanes}"), dtype=f"int32x{lanes}")
+                T.llvm_lookup_intrinsic_id(intrinsic), broadcast, B.vload([0, 0], dtype=b_vector), dtype=f"int32x{lanes}")
 
-    return desc, impl
+    @T.prim_func(s_tir=True)
+    def quad_impl(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
+                  C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            four = T.reinterpret(A.vload([0], a_vector), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(T.broadcast(four, lanes), dtype=f"uint8x{4 * lanes}"), B.vload([0, 0], dtype=b_vector),
+                dtype=f"int32x{lanes}")
+
+    return desc, (pair_impl if group == 2 else quad_impl)
 
 
 def register_intrinsics() -> None:
-    """Register the pair-dot tensor intrinsics with TVM (once per process)."""
+    """Register the grouped dot-product tensor intrinsics with TVM (once per process)."""
     from tvm.s_tir import TensorIntrin
 
-    for lanes, name in PAIR_DOT.items():
+    for (lanes, group), name in DOT.items():
         if TensorIntrin.get(name, allow_missing=True) is None:
-            TensorIntrin.register(name, *_pair_dot(lanes))
+            TensorIntrin.register(name, *_grouped_dot(lanes, group))
 
 
-def conv2d_nhwc_pairs(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
-    """NHWC int16 convolution with [kh, kw, C/2, O, 2] int16 weights, int32 result."""
+def conv2d_nhwc_packed(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, pad_value=0) -> te.Tensor:
+    """NHWC convolution with [kh, kw, C/g, O, g] packed weights, int32 result; padding with `pad_value`."""
     n, h, w, _ = (int(d) for d in data.shape)
-    kh, kw, pairs, channels, _ = (int(d) for d in kernel.shape)
+    kh, kw, groups, channels, group = (int(d) for d in kernel.shape)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
-    padded = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], name="pad_temp") if any(padding) else data
+    padded = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], pad_value=pad_value,
+                         name="pad_temp") if any(padding) else data
     out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-    rc, rp = te.reduce_axis((0, pairs), "rc"), te.reduce_axis((0, 2), "rp")
+    rc, rp = te.reduce_axis((0, groups), "rc"), te.reduce_axis((0, group), "rp")
     return te.compute(
         (n, out_h, out_w, channels),
         lambda b, y, x, o: te.sum(
-            padded[b, y * sh + ry * dh, x * sw + rx * dw, rc * 2 + rp].astype("int32")
+            padded[b, y * sh + ry * dh, x * sw + rx * dw, rc * group + rp].astype("int32")
             * kernel[ry, rx, rc, o, rp].astype("int32"), axis=[ry, rx, rc, rp]),
         name=BLOCK_NAME)
 
 
-def matmul_pairs(data: te.Tensor, kernel: te.Tensor) -> te.Tensor:
-    """[..., M, K] int16 times [K/2, N, 2] int16 packed weights, int32 result [..., M, N]."""
-    pairs, columns, _ = (int(d) for d in kernel.shape)
-    rc, rp = te.reduce_axis((0, pairs), "rc"), te.reduce_axis((0, 2), "rp")
+def matmul_packed(data: te.Tensor, kernel: te.Tensor) -> te.Tensor:
+    """[..., M, K] times [K/g, N, g] packed weights, int32 result [..., M, N]."""
+    groups, columns, group = (int(d) for d in kernel.shape)
+    rc, rp = te.reduce_axis((0, groups), "rc"), te.reduce_axis((0, group), "rp")
     return te.compute(
         (*data.shape[:-1], columns),
-        lambda *index: te.sum(data[(*index[:-1], rc * 2 + rp)].astype("int32")
+        lambda *index: te.sum(data[(*index[:-1], rc * group + rp)].astype("int32")
                               * kernel[rc, index[-1], rp].astype("int32"), axis=[rc, rp]),
         name=BLOCK_NAME)
 
 
+def _pack(weight: np.ndarray, group: int) -> np.ndarray:
+    """[..., C, O] -> [..., C/group, O, group]."""
+    *lead, channels, outputs = weight.shape
+    split = weight.reshape(*lead, channels // group, group, outputs)
+    return np.ascontiguousarray(np.swapaxes(split, -1, -2))
+
+
 @relax.expr_functor.mutator
-class _PairConvolutions(relax.PyExprMutator):
+class _Packer(relax.PyExprMutator):
+    """Rewrites fitting int16 convolutions / matmuls; `quads` when the target has a u8 x s8 dot product."""
+
+    def __init__(self, mod, quads: bool):
+        super().__init__(mod)
+        self.quads = quads
+
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         if not (_fits(call) or _fits_matmul(call)):
@@ -119,19 +165,52 @@ class _PairConvolutions(relax.PyExprMutator):
             weight = self.lookup_binding(weight)
         if not isinstance(weight, Constant):
             return call
+        value = weight.value.numpy()
+        unsigned = self._unsigned(call.args[0]) if self.quads and value.shape[-2] % 4 == 0 \
+            and value.min() >= -128 and value.max() <= 127 else None
+        if unsigned is None:
+            return self._emit(call, call.args[0], relax.const(_pack(value, 2), "int16"), 0, "pairs")
+        data, shift = unsigned
+        product = self._emit(call, data, relax.const(_pack(value.astype(np.int8), 4), "int8"), shift, "quads")
+        correction = shift * value.astype(np.int64).reshape(-1, value.shape[-1]).sum(axis=0)
+        return relax.op.subtract(product, relax.const(correction.astype(np.int32), "int32"))
+
+    def _emit(self, call, data, packed, pad_value: int, kind: str):
         if call.op == _MATMUL:
-            k, n = weight.value.numpy().shape
-            packed = np.ascontiguousarray(weight.value.numpy().reshape(k // 2, 2, n).transpose(0, 2, 1))
-            return self.builder_.call_te(matmul_pairs, call.args[0], relax.const(packed, "int16"),
-                                         primfunc_name_hint="matmul_pairs")
-        hwio = weight.value.numpy()
-        kh, kw, cin, cout = hwio.shape
-        packed = np.ascontiguousarray(hwio.reshape(kh, kw, cin // 2, 2, cout).transpose(0, 1, 2, 4, 3))
+            return self.builder_.call_te(matmul_packed, data, packed, primfunc_name_hint=f"matmul_{kind}")
         attrs = call.attrs
         return self.builder_.call_te(
-            conv2d_nhwc_pairs, call.args[0], relax.const(packed, "int16"),
-            strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
-            dilation=[int(d) for d in attrs.dilation], primfunc_name_hint="conv2d_pairs")
+            conv2d_nhwc_packed, data, packed, strides=[int(s) for s in attrs.strides],
+            padding=[int(p) for p in attrs.padding], dilation=[int(d) for d in attrs.dilation],
+            pad_value=pad_value, primfunc_name_hint=f"conv2d_{kind}")
+
+    def _unsigned(self, data) -> tuple[relax.Expr, int] | None:
+        """For data = int16(q) [- zx] with q int8/uint8, maybe transposed to channels-last after that:
+        (the uint8 tensor u, c) with data = u - c."""
+        expr = self.lookup_binding(data) if isinstance(data, relax.Var) else data
+        if isinstance(expr, relax.Call) and expr.op == _PERMUTE_DIMS:
+            inner = self._unsigned(expr.args[0])
+            if inner is None:
+                return None
+            return self.builder_.emit(relax.op.permute_dims(inner[0], expr.attrs.axes)), inner[1]
+        zero_point = 0
+        if isinstance(expr, relax.Call) and expr.op == _SUBTRACT:
+            shift = expr.args[1]
+            shift = self.lookup_binding(shift) if isinstance(shift, relax.Var) else shift
+            if not isinstance(shift, Constant) or shift.value.numpy().size != 1:
+                return None
+            zero_point = int(shift.value.numpy().reshape(()))
+            expr = self.lookup_binding(expr.args[0]) if isinstance(expr.args[0], relax.Var) else expr.args[0]
+        if not isinstance(expr, relax.Call) or expr.op != _ASTYPE:
+            return None
+        source = expr.args[0]
+        dtype = str(source.ty.dtype)
+        if dtype == "uint8":
+            return source, zero_point
+        if dtype != "int8":
+            return None
+        shifted = relax.op.add(relax.op.astype(source, "int16"), relax.const(128, "int16"))
+        return self.builder_.emit(relax.op.astype(shifted, "uint8")), zero_point + 128
 
 
 def _fits_matmul(call) -> bool:
@@ -153,20 +232,22 @@ def _fits(call) -> bool:
             and int(weight.shape.values[2]) % 2 == 0 and attrs.out_layout in ("", "NHWC"))
 
 
-def pair_convolutions(target):
-    """Pass: int16 NHWC convolutions and weight matmuls -> `conv2d_nhwc_pairs` / `matmul_pairs` with packed
-    weights (x86 AVX2/AVX-512 only)."""
+def pack_dot_products(target):
+    """Pass: int16 NHWC convolutions and weight matmuls -> `conv2d_nhwc_packed` / `matmul_packed` with
+    packed weights: quads on x86 with VNNI, pairs on other AVX2 / AVX-512 x86 (nothing elsewhere)."""
     from .machine import vector_unit
 
-    enabled = not str(target.attrs.get("mtriple", "x86_64")).startswith("aarch64") and vector_unit(target).bits >= 256
+    unit = vector_unit(target)
+    enabled = not str(target.attrs.get("mtriple", "x86_64")).startswith("aarch64") and unit.bits >= 256
+    quads = unit.dot_int8 in ("avx512vnni", "avxvnni")
 
-    @tvm.transform.module_pass(opt_level=0, name="PairConvolutions")
+    @tvm.transform.module_pass(opt_level=0, name="PackDotProducts")
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not enabled:
             return mod
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
-                mutator = _PairConvolutions(mod)
+                mutator = _Packer(mod, quads)
                 new = mutator.visit_expr(func)
                 mod = mutator.builder_.get()
                 mod[gvar] = new

@@ -26,7 +26,7 @@ def prepare_passes(target) -> list:
 
     from .channel_padding import pad_output_channels
     from .int8 import elementwise_qdq, integer_conv_matmul
-    from .pairs import pair_convolutions
+    from .pairs import pack_dot_products
     from .relax_rewrites import channels_last, clip_to_relax_ops, fold_constants_numpy
 
     return [
@@ -39,7 +39,7 @@ def prepare_passes(target) -> list:
         channels_last(),
         fold_constants_numpy(),
         pad_output_channels(),
-        pair_convolutions(target),
+        pack_dot_products(target),
         relax.transform.FastMathTransform(),  # vectorizable exp/erf/tanh/softmax: libm calls are scalar
         relax.transform.FoldConstant(),
         relax.transform.LegalizeOps(),

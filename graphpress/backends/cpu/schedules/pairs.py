@@ -1,4 +1,5 @@
-"""Schedule for `conv2d_nhwc_pairs` (see `..pairs`): the register tile, tensorized with `vpmaddwd`."""
+"""Schedule for packed convolutions and matmuls (see `..pairs`): the register tile, tensorized with
+`vpmaddwd` (channel pairs) or `vpdpbusd` (channel quads)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from ..pairs import BLOCK_NAME, PAIR_DOT, register_intrinsics
+from ..pairs import BLOCK_NAME, DOT, register_intrinsics
 from .injective import schedule_injective
 from .tiled import tile_reduction
 
@@ -27,7 +28,8 @@ class TiledPairs(CPUScheduleRule):
         mains = [b for b in infos or [] if b.name == BLOCK_NAME]
         if len(mains) != 1:
             return None
-        lanes = _pair_lanes(vector_unit(target).lanes("int32"), int(mains[0].dom()[-1 - _reduce_count(mains[0])]))
+        group = int(mains[0].dom()[-1])
+        lanes = _pair_lanes(vector_unit(target).lanes("int32"), int(mains[0].dom()[-1 - _reduce_count(mains[0])]), group)
         if lanes is None:
             return None
         register_intrinsics()
@@ -38,16 +40,16 @@ class TiledPairs(CPUScheduleRule):
                     sch.compute_inline(info.block_rv)
                 except s_tir.ScheduleError:  # the output block: computed per tile by tile_reduction
                     continue
-        tile_reduction(sch, mains[0].block_rv, lanes, vector_unit(target).accumulators, PAIR_DOT[lanes])
+        tile_reduction(sch, mains[0].block_rv, lanes, vector_unit(target).accumulators, DOT[lanes, group])
         for info in pad:
-            schedule_injective(sch, info.block_rv, 2 * lanes)
+            schedule_injective(sch, info.block_rv, group * lanes)
         return sch
 
 
-def _pair_lanes(widest: int, channels: int) -> int | None:
-    """int32 lanes of the widest pair instruction whose vectors divide the output channels: on AVX-512
-    a 24-channel conv takes AVX2's 8-lane form rather than no pair kernel at all."""
-    return next((lanes for lanes in (widest, widest // 2) if lanes in PAIR_DOT and channels % lanes == 0), None)
+def _pair_lanes(widest: int, channels: int, group: int = 2) -> int | None:
+    """int32 lanes of the widest instruction for `group` products per lane whose vectors divide the
+    output channels: on AVX-512 a 24-channel conv takes the 8-lane (ymm) form rather than no kernel."""
+    return next((lanes for lanes in (widest, widest // 2) if (lanes, group) in DOT and channels % lanes == 0), None)
 
 
 def _reduce_count(info) -> int:
