@@ -60,12 +60,13 @@ def _grouped_dot(lanes: int, group: int):
     C is the register tile's `local` accumulator buffer.
     """
     a_dtype, b_dtype = _DTYPES[group]
+    c_dtype, c_scope = "int32", "local"  # names, not literals, in the annotations (pyflakes reads those as code)
     a_vector, b_vector = f"{a_dtype}x{group}", f"{b_dtype}x{group * lanes}"
     intrinsic = _LLVM_INTRINSIC[lanes, group]
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((lanes,), c_dtype, offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
@@ -77,7 +78,7 @@ def _grouped_dot(lanes: int, group: int):
 
     @T.prim_func(s_tir=True)
     def pair_impl(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
-                  C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+                  C: T.Buffer((lanes,), c_dtype, offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
@@ -88,7 +89,7 @@ def _grouped_dot(lanes: int, group: int):
 
     @T.prim_func(s_tir=True)
     def quad_impl(A: T.Buffer((group,), a_dtype, offset_factor=1), B: T.Buffer((lanes, group), b_dtype, offset_factor=1),
-                  C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+                  C: T.Buffer((lanes,), c_dtype, offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
