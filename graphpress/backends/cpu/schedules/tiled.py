@@ -62,6 +62,28 @@ class TiledReduction(CPUScheduleRule):
         return sch
 
 
+def _streams_data(sch: s_tir.Schedule, block) -> bool:
+    """Whether the tile loop over pixels goes outside the one over channel blocks: when the data
+    operand is larger than the weights.
+
+    Channel blocks outside re-read the whole input once per block: free while it sits in L2 (small
+    maps at batch 1), a DRAM stream per block otherwise (MobileNetV2's 112x112 maps, any map at
+    batch 32). Pixels outside read each input tile once and re-read the (smaller) weights from cache.
+    """
+    import numpy as np
+
+    last = sch.get(block).iter_vars[len([iv for iv in sch.get(block).iter_vars
+                                          if iv.iter_type == tirx.IterVar.DataPar]) - 1].var
+    weights, data = 0, 0
+    for region in sch.get(block).reads:
+        size = int(np.prod([int(d) for d in region.source.shape]))
+        if is_var(innermost_index(region), last):
+            weights += size
+        elif len(region.source.shape) > 1:
+            data += size
+    return data > weights
+
+
 def _reduces_innermost(sch: s_tir.Schedule, block, producer) -> bool:
     """Whether `block` reads `producer`'s output with its innermost reduction variable as the innermost
     index: a convolution reducing over input channels, as opposed to depthwise convolutions and pooling.
@@ -122,23 +144,24 @@ def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int, in
     if rows_axis is None:
         c_out, p_out, c_in = sch.split(spatial[-1], [None, 1, vec := extents[-1] if extents[-1] <= 2 * lanes
                                                       else register_tile(extents[-1], 1, lanes, accumulators)[0]])
-        p_in = None
-        sch.reorder(c_out, p_out, *outer_reduce, c_in, *inner)
+        p_in, tiles = None, [c_out, p_out]
+        sch.reorder(*tiles, *outer_reduce, c_in, *inner)
     else:
         vec, rows = register_tile(extents[-1], _extent(sch, rows_axis), lanes, accumulators, fused)
         c_out, c_in = sch.split(spatial[-1], [None, vec])
         p_out, p_in = sch.split(rows_axis, [None, rows])
-        sch.reorder(*outer, c_out, p_out, *outer_reduce, p_in, c_in, *inner)
+        tiles = [p_out, c_out] if _streams_data(sch, block) else [c_out, p_out]
+        sch.reorder(*outer, *tiles, *outer_reduce, p_in, c_in, *inner)
     epilogue = consumer_chain(sch, block)
     local = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(local, p_out, preserve_unit_loops=False)
+    sch.reverse_compute_at(local, tiles[-1], preserve_unit_loops=False)
     for ep in epilogue:
         sch.reverse_compute_inline(ep)
     _vectorize_tile(sch, local, lanes)
     if p_in is not None:
         sch.unroll(p_in)
     c_lanes = _vectorize_channels(sch, c_in, vec, lanes, vectorize=not intrinsic)
-    parallelize(sch, [*outer, c_out, p_out] if rows_axis is not None else [c_out, p_out], work)
+    parallelize(sch, [*outer, *tiles], work)
     init = sch.decompose_reduction(block, outer_reduce[0])  # the init copies the unrolled tile loops
     if intrinsic:
         _vectorize_tile(sch, init, lanes)
