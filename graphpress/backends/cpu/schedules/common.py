@@ -34,6 +34,23 @@ def is_var(expr, var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
 
 
+#: a parallel loop fuses outer loops until it has this many iterations (enough chunks to balance the
+#: pool); fusing more costs a div/mod per iteration to recover each index and leaves LLVM a loop it
+#: optimizes less well
+PARALLEL_MIN_CHUNKS = 64
+
+
+def fuse_outer_prefix(sch: s_tir.Schedule, loops: list):
+    """Fuse the shortest prefix of `loops` with at least PARALLEL_MIN_CHUNKS iterations; return it."""
+    count = 1
+    for n, loop in enumerate(loops, start=1):
+        count *= const_extent(sch.get(loop).extent) or 1
+        if count >= PARALLEL_MIN_CHUNKS:
+            break
+    prefix = loops[:n]
+    return sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
+
+
 def parallelize(sch: s_tir.Schedule, loops: list, work: int) -> None:
     """Fuse `loops` and run them on the thread pool when there is enough work."""
     if not loops:

@@ -8,7 +8,7 @@ from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import PARALLEL_MIN_WORK, const_extent
+from .common import PARALLEL_MIN_WORK, const_extent, fuse_outer_prefix
 
 
 class Injective(CPUScheduleRule):
@@ -47,4 +47,4 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
     else:
         outer.append(inner)
     if outer and total >= PARALLEL_MIN_WORK:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        sch.parallel(fuse_outer_prefix(sch, outer))
