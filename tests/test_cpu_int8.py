@@ -135,6 +135,23 @@ def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path, tar
     assert float(np.abs(got[0] - fused).max()) <= output_step(qdq) * 1.001
 
 
+def test_depthwise_convolutions_read_one_byte_inputs(tmp_path):
+    """The depthwise conv accumulates in float on the quantized input itself (uint8 after ReLU's zero
+    point -128): the layer before it writes one byte per element, not a dequantized float32."""
+    model = residual_conv_net()
+    calibration = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    specs, _ = input_specs(qdq, None, "test")
+    prepared = pipeline.prepare(import_relax(qdq, specs, "test"), targets.resolve("x86").tvm_target())
+    depthwise = [func.script() for gvar, func in prepared.functions_items()
+                 if isinstance(func, tvm.tirx.PrimFunc) and "conv2d" in gvar.name_hint
+                 and "pairs" not in gvar.name_hint and "quads" not in gvar.name_hint]
+    assert len(depthwise) == 1
+    signature = next(line for line in depthwise[0].splitlines() if "def main(" in line)
+    assert re.search(r'"(\w+)"\)', signature).group(1) in ("uint8", "int8"), signature
+    assert assert_int8_matches(qdq, {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}) >= 0.99
+
+
 def test_vnni_targets_take_channel_quads(tmp_path):
     """With VNNI, 3x3 (padded with the zero point) and 1x1 convolutions and matmuls use u8 x s8 quads
     (`vpdpbusd`); AVX2 keeps int16 pairs (`vpmaddwd`). Lowered only: the host may lack VNNI."""

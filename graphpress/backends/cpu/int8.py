@@ -22,8 +22,14 @@ onnxruntime's QLinearConv does, and only int8 tensors travel between layers.
 
 Applied to matmuls and to convolutions with an even number of input channels per group of 1 (see
 `_has_integer_kernel`), where the weight is a constant with zero zero-point (symmetric, per tensor or
-per output channel) and the activation has one scale and zero point; anything else stays float
-(ONNX's float semantics on the dequantized values), logged at debug.
+per output channel) and the activation has one scale and zero point. Depthwise convolutions with a
+constant weight take the same form with float accumulation:
+
+    conv2d(narrow(xq - zx), float(Wq), out_dtype="float32") * (sx * sw)
+
+where the integer products and their sums are exact in float32, and the input stays one byte per
+element between layers (uint8 for ReLU outputs quantized with zero point -128). Anything else stays
+float (ONNX's float semantics on the dequantized values), logged at debug.
 """
 
 from __future__ import annotations
@@ -79,6 +85,30 @@ class _Operand:
             shifted = relax.op.subtract(shifted, relax.const(self.zero_point.astype(np.int16).reshape(()), "int16"))
         return shifted
 
+    def as_narrow_integer(self) -> relax.Expr:
+        """q - zero_point in the narrowest type that holds it: q itself for a zero point of 0, uint8
+        for int8 with zero point -128 (activations after ReLU / ReLU6), int16 otherwise.
+
+        A convolution that accumulates in float reads this tensor with a conversion per load; the
+        layer before it writes it in its epilogue, so one byte per element travels between them
+        instead of the four of a dequantized float (MobileNetV2: every expansion feeds a depthwise
+        convolution, 112x112x96 at the widest)."""
+        zero_point = int(self.zero_point.reshape(-1)[0])
+        if zero_point == 0:
+            return self.data
+        if zero_point == -128 and str(self.data.ty.dtype) == "int8":
+            return relax.op.astype(relax.op.add(relax.op.astype(self.data, "int16"), relax.const(128, "int16")), "uint8")
+        return self.as_int16()
+
+    def as_integer_floats(self) -> relax.Expr:
+        """A constant's q - zero_point as float32: integer products that float sums hold exactly
+        (up to 2^24, e.g. a 7x7 depthwise window of 255 x 127 products)."""
+        shape = [1] * self.data_const.ndim
+        if self.zero_point.size > 1:
+            shape[self.axis] = -1
+        return relax.const(self.data_const.astype(np.float32) - self.zero_point.astype(np.float32).reshape(shape),
+                           "float32")
+
 
 def _dequantized(mutator, expr) -> _Operand | None:
     """`expr` as a dequantize of int8/uint8 data with constant scale and zero point, else None."""
@@ -99,31 +129,52 @@ def _dequantized(mutator, expr) -> _Operand | None:
 class _IntegerRewriter(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op not in (_CONV2D, _MATMUL) or str(call.ty.dtype) != "float32" or not _has_integer_kernel(call):
+        if call.op not in (_CONV2D, _MATMUL) or str(call.ty.dtype) != "float32":
             return call
+        integer = _has_integer_kernel(call)
         a, b = (_dequantized(self, arg) for arg in call.args[:2])
-        if a is None or b is None:
-            log.debug("int8: %s keeps float: an input is not a constant-scale DequantizeLinear", call.op.name)
+        if a is None or b is None or not (integer or _depthwise(call) and b.data_const is not None):
+            log.debug("int8: %s keeps float: no integer kernel, or an input is not a constant-scale "
+                      "DequantizeLinear", call.op.name)
             return call
         scale = _output_scale(call, a, b)
         if scale is None or (a.data_const is None and a.zero_point.size != 1):
             log.debug("int8: %s keeps float: per-channel activation or weight zero point", call.op.name)
             return call
-        if call.op == _CONV2D:
-            attrs = call.attrs
-            acc = relax.op.nn.conv2d(a.as_int16(), b.as_int16(), attrs.strides, attrs.padding, attrs.dilation,
-                                     attrs.groups, attrs.data_layout, attrs.kernel_layout, attrs.out_layout,
-                                     out_dtype="int32")
+        if not integer:
+            acc = _conv2d(call, a.as_narrow_integer(), b.as_integer_floats(), "float32")
+        elif call.op == _MATMUL:
+            acc = relax.op.astype(relax.op.matmul(a.as_int16(), b.as_int16(), out_dtype="int32"), "float32")
         else:
-            acc = relax.op.matmul(a.as_int16(), b.as_int16(), out_dtype="int32")
-        return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale, "float32"))
+            acc = relax.op.astype(_conv2d(call, a.as_int16(), b.as_int16(), "int32"), "float32")
+        return relax.op.multiply(acc, relax.const(scale, "float32"))
+
+
+def _depthwise(call) -> bool:
+    """A convolution with one input channel per group (NCHW data, as imported).
+
+    Only these take the narrow integer input: their loads are whole channel vectors, converted
+    once per vector. Convolutions reducing over input channels broadcast one scalar per load, and a
+    converted scalar costs more than the bytes it saves (MobileNetV2's 3-channel stem: 0.25 -> 0.37 ms;
+    its depthwise convolutions on one-byte inputs: 4.94 -> 4.72 ms for the whole model).
+    """
+    groups = int(call.attrs.groups)
+    return groups > 1 and groups == int(call.args[0].ty.shape.values[1])
+
+
+def _conv2d(call, data: relax.Expr, weight: relax.Expr, out_dtype: str) -> relax.Expr:
+    """`call`'s convolution on other operands, accumulating in `out_dtype`."""
+    attrs = call.attrs
+    return relax.op.nn.conv2d(data, weight, attrs.strides, attrs.padding, attrs.dilation, attrs.groups,
+                              attrs.data_layout, attrs.kernel_layout, attrs.out_layout, out_dtype=out_dtype)
 
 
 def _has_integer_kernel(call) -> bool:
     """Matmuls, and convolutions that reduce over an even number of channels (`pairs` packs them two
-    by two for `vpmaddwd`). Depthwise and odd-channel convolutions stay float (on the dequantized
-    int8 input, loaded and converted inside the kernel): as int32 products they would need
-    `vpmulld`, slower than float FMA."""
+    by two for `vpmaddwd`). Depthwise and odd-channel convolutions accumulate in float instead (as
+    int32 products they would need `vpmulld`, slower than float FMA): depthwise ones on the narrow
+    integer input (`_Operand.as_narrow_integer`) converted inside the kernel, the others on the
+    dequantized float input."""
     if call.op == _MATMUL:
         return True
     weight = call.args[1].ty.shape.values
