@@ -1,13 +1,17 @@
 """TVM artifacts vs onnxruntime on the real models: compile time, artifact size, batch-1 latency.
 
     .venv/bin/python -m benchmarks.bench_backends                      # untuned, all three models
-    .venv/bin/python -m benchmarks.bench_backends --trials 64 --models resnet8
+    .venv/bin/python -m benchmarks.bench_backends --trials 128 minilm=64   # + tuned (per-model budgets)
 
-For each model: compile for the `x86` target (this machine's CPU), record compile time and artifact
-size, check the artifact's outputs against onnxruntime on the same input, then time TVM and
-onnxruntime at 1 and 2 threads, each thread count in a fresh process (the TVM runtime fixes its
-thread count when its pool starts). With --trials N, also MetaSchedule-tune with N trials and time
-the tuned artifact the same way. Writes benchmarks/results/backends.json.
+For each model: compile for the `x86` target (this machine's CPU) with graphpress' default CPU
+schedules, record compile time and artifact size, check the artifact's outputs against onnxruntime
+on the same input. With --trials, also run `graphpress tune` with that trial budget (MetaSchedule on
+the graphpress-lowered module; a tuned schedule is used only where it measured faster than the
+default one) and compile with the database. Each artifact is then timed beside onnxruntime on the
+very ONNX model it came from, at 1 and 2 threads, each thread count in a fresh process, the two
+runtimes interleaved (`bench_cpu.measure`): at 1 thread the figure is the median CPU time of the
+calling thread (robust on a shared machine), at 2 threads the median wall time. The load average is
+recorded for each measurement. Writes benchmarks/results/backends.json and backends.png.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,16 +52,6 @@ def machine() -> dict:
             "python": platform.python_version(), "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def measure_in_fresh_process(artifact: Path, threads: int) -> dict:
-    """Run `bench_artifact` in a new interpreter with TVM_NUM_THREADS set before TVM starts."""
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
-    code = ("import json, sys; from graphpress.backends.timing import bench_artifact; "
-            "print(json.dumps(bench_artifact(sys.argv[1], int(sys.argv[2]))))")
-    done = subprocess.run([sys.executable, "-c", code, str(artifact), str(threads)], env=env,
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def output_agreement(artifact: Path) -> float:
     """Largest |TVM - onnxruntime| / max|onnxruntime| over the outputs, on one sample input."""
     import onnxruntime as ort
@@ -75,7 +68,13 @@ def output_agreement(artifact: Path) -> float:
                for spec, want in zip(model.outputs, expected))
 
 
+#: the latency figure used per thread count (see the module docstring)
+FIGURE = {1: "thread_cpu_ms", 2: "wall_ms"}
+
+
 def artifact_entry(artifact: Path) -> dict:
+    from benchmarks.bench_cpu import measure_in_fresh_process
+
     meta = json.loads((artifact / "metadata.json").read_text())
     entry = {"compile_seconds": meta["compile_seconds"],
              "artifact_bytes": sum(p.stat().st_size for p in artifact.iterdir()),
@@ -84,8 +83,9 @@ def artifact_entry(artifact: Path) -> dict:
              "latency": {}}
     for threads in THREADS:
         result = measure_in_fresh_process(artifact, threads)
-        entry["latency"][str(threads)] = {"tvm": result["tvm"], "onnxruntime": result["onnxruntime"],
-                                          "tvm_over_onnxruntime": result["tvm_over_onnxruntime"]}
+        figure = FIGURE[threads]
+        entry["latency"][str(threads)] = {**result, "figure": figure,
+                                          "tvm_over_onnxruntime": result["tvm"][figure] / result["onnxruntime"][figure]}
     return entry
 
 
@@ -114,53 +114,105 @@ def bench_model(key: str, workdir: Path, trials: int) -> dict:
     row["untuned"] = artifact_entry(compile(path, "x86", workdir / f"{key}-untuned", shapes=shapes, progress=False))
     if trials:
         print(f"[{key}] tuning with {trials} trials", flush=True)
-        started = time.perf_counter()
+        started, load = time.perf_counter(), os.getloadavg()
         db = workdir / f"{key}.db"
-        tune(path, "x86", trials, db, shapes=shapes)
+        info = tune(path, "x86", trials, db, shapes=shapes, progress=False)
         tune_seconds = time.perf_counter() - started
         artifact = compile(path, "x86", workdir / f"{key}-tuned", shapes=shapes, tuning_db=db, progress=False)
-        row["tuned"] = {"trials": trials, "tune_seconds": round(tune_seconds, 1), **artifact_entry(artifact),
-                        "tuning": json.loads((artifact / "metadata.json").read_text())["tuning"]}
+        row["tuned"] = {"trials": trials, "measured_trials": info["trials"], "tune_seconds": round(tune_seconds, 1),
+                        "load_average_1_5_15_min_at_tuning_start": load, **artifact_entry(artifact),
+                        "tuning": json.loads((artifact / "metadata.json").read_text())["tuning"],
+                        "tasks": info["tasks"]}
     return row
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['machine']['cpu']} ({report['machine']['logical_cpus']} logical CPUs), batch 1, median ms")
-    print(f"{'model':14s} {'variant':8s} {'compile s':>9s} {'artifact MB':>11s}"
-          + "".join(f" {'ort ' + t + 't':>9s} {'tvm ' + t + 't':>9s} {'tvm/ort':>8s}" for t in map(str, THREADS)))
+    print(f"\n{report['machine']['cpu']} ({report['machine']['llvm_cpu']}, {report['machine']['logical_cpus']} logical "
+          "CPUs), batch 1; ms: thread CPU time at 1 thread, wall time at 2")
+    print(f"{'model':13s} {'variant':14s} {'compile s':>9s} {'MB':>6s}"
+          + "".join(f" {'ort ' + t + 't':>8s} {'tvm ' + t + 't':>8s} {'tvm/ort':>7s} {'load':>5s}" for t in map(str, THREADS)))
     for row in report["models"]:
         for variant in ("untuned", "tuned"):
             if variant not in row:
                 continue
             e = row[variant]
-            cells = "".join(f" {e['latency'][t]['onnxruntime']['median_ms']:9.3f} {e['latency'][t]['tvm']['median_ms']:9.3f}"
-                            f" {e['latency'][t]['tvm_over_onnxruntime']:7.1f}x" for t in map(str, THREADS))
-            print(f"{row['model']:14s} {variant:8s} {e['compile_seconds']:9.1f} {e['artifact_bytes'] / 1e6:11.2f}{cells}")
+            name = variant if variant == "untuned" else f"tuned {e['trials']}"
+            cells = ""
+            for t in map(str, THREADS):
+                lat = e["latency"][t]
+                cells += (f" {lat['onnxruntime'][lat['figure']]:8.3f} {lat['tvm'][lat['figure']]:8.3f}"
+                          f" {lat['tvm_over_onnxruntime']:6.2f}x {lat['load_average_1_5_15_min'][0]:5.1f}")
+            print(f"{row['model']:13s} {name:14s} {e['compile_seconds']:9.1f} {e['artifact_bytes'] / 1e6:6.2f}{cells}")
+        if "tuned" in row:
+            t = row["tuned"]
+            print(f"{'':13s} tuning: {t['tune_seconds']:.0f} s, {t['tuning']['tasks_tuned']} of {t['tuning']['tasks']} tasks "
+                  f"tuned faster than the default, {t['tuning']['tuned_functions']} of {t['tuning']['functions']} functions")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["models"]
+    fig, axes = plt.subplots(1, len(THREADS), figsize=(5.5 * len(THREADS), 4), sharey=True, squeeze=False)
+    for ax, threads in zip(axes[0], map(str, THREADS)):
+        x = np.arange(len(rows))
+        for i, variant in enumerate(("untuned", "tuned")):
+            values = [r[variant]["latency"][threads]["tvm_over_onnxruntime"] if variant in r else np.nan for r in rows]
+            labels = {"untuned": "TVM untuned (graphpress default schedules)", "tuned": "TVM tuned (trials in the x labels)"}
+            ax.bar(x + (i - 0.5) * 0.35, values, 0.35, label=labels[variant])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [r["model"] + (f"\n{r['tuned']['trials']} trials" if "tuned" in r else "") for r in rows])
+        ax.set_title(f"batch 1, {threads} thread(s), {'CPU' if threads == '1' else 'wall'} time", fontsize=9)
+    axes[0][0].set_ylabel("latency / onnxruntime (lower is better)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['llvm_cpu']}), "
+                 f"load average {report['machine']['load_average_1_5_15_min_at_start'][0]:.1f} at start", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def trial_budgets(items: list[str], models: list[str]) -> dict[str, int]:
+    """`--trials 128 minilm=64` -> {model: trials}: a bare number for every model, KEY=N for one."""
+    budgets = {}
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        if not value.isdigit() or (sep and key not in MODELS):
+            raise SystemExit(f"--trials: expected N or MODEL=N, got {item!r}")
+        budgets.update({key: int(value)} if sep else dict.fromkeys(models, int(value)))
+    return budgets
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=sorted(MODELS))
-    parser.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per model (0: untuned only)")
+    parser.add_argument("--trials", nargs="+", default=[], metavar="N|MODEL=N",
+                        help="tuning budget for every model, or for one (default: untuned only)")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     missing = [key for key in args.models if not model_path(key).is_file()]
     if missing:
         print(f"skipping: {skip_reason()}", file=sys.stderr)
         return 1
-    report = {"what": "x86 TVM artifacts (graphpress compile --target x86) vs onnxruntime on the same ONNX, "
-                      "batch 1; latency = median of >=50 runs and >=1 s after 3 warm-up runs, each thread count "
-                      "in a fresh process; max_rel_diff on one random input",
+    budgets = trial_budgets(args.trials, args.models)
+    report = {"what": "x86 TVM artifacts (graphpress compile --target x86; tuned: graphpress tune with the stated "
+                      "trials, then compile --tuning-db) vs onnxruntime on the same ONNX, batch 1; latency: median "
+                      "thread CPU time at 1 thread, median wall time at 2, runtimes interleaved, each thread count in "
+                      "a fresh process; max_rel_diff on one random input",
               "machine": machine(), "models": []}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         for key in args.models:
-            report["models"].append(bench_model(key, Path(tmp), args.trials))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_suffix(".json.part")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(args.output)
+            report["models"].append(bench_model(key, Path(tmp), budgets.get(key, 0)))
+            report["machine"]["load_average_1_5_15_min_at_end"] = os.getloadavg()
+            partial = args.output.with_suffix(".json.part")  # written after every model
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+            partial.replace(args.output)
+    plot(report, args.output.with_suffix(".png"))
     print_table(report)
-    print(f"\nwrote {args.output}")
+    print(f"\nwrote {args.output} and {args.output.with_suffix('.png')}")
     return 0
 
 

@@ -3,25 +3,34 @@
     graphpress tune model.onnx --target x86 --trials 200 -o model.db
     graphpress compile model.onnx --target x86 --tuning-db model.db -o model-x86
 
-The model is imported and lowered exactly as `compile` does, so the tuned workloads match the ones
-`compile --tuning-db` looks up. Two pitfalls of TVM 0.27 are avoided here: its default builder
-timeout (30 s) is shorter than a builder worker's start-up (importing TVM's tensor intrinsics takes
-16-26 s), which makes every candidate fail and silently tunes nothing, so builders get 300 s; and a
-run in which no candidate was measured is an error, not an "untuned but fine" result.
+The model is imported and lowered exactly as `compile` does (graphpress' channels-last layout and
+fusion, `cpu.prepare`), so the tuned workloads are the functions `compile --tuning-db` schedules.
+Tuning only improves on graphpress' default schedules: when tuning ends, every task's best tuned
+schedule is measured again side by side with the default schedule `compile` would give it, on the
+same runner, and `apply_database` uses a tuned schedule only where it measured faster; every other
+function keeps its default schedule. Two pitfalls of TVM 0.27 are avoided here: its default builder
+timeout (30 s) is shorter than a builder worker's start-up (its default build function imports TVM's
+tensor intrinsics, 16-26 s, in every worker, and MetaSchedule starts new workers for every batch of
+candidates), which makes every candidate fail and silently tunes nothing: builders here use `_build`,
+which skips that import, and still get 300 s; and a run in which no candidate was measured is an
+error, not an "untuned but fine" result.
 
 Measuring on another machine: start `python -m tvm.exec.rpc_tracker --port 9190` somewhere, and on
 each device `python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY`, then pass
 `rpc="HOST:9190", key="KEY"`. Candidates are exported as .tar and linked on the device.
 
 The database directory holds MetaSchedule's `database_workload.json` and
-`database_tuning_record.json` plus `graphpress-tuning.json` (target, model, trial count); it is
+`database_tuning_record.json` plus `graphpress-tuning.json` (target, model, trial count, and per
+task the default and best tuned times from that final comparison); it is
 written in a staging directory and renamed into place when tuning ends. Tuning again into an
 existing database for the same model and target adds to its records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -67,14 +76,17 @@ def tune(model, target: str | None = "x86", trials: int = 64, output: str | os.P
         if previous is not None:
             for name in _RECORD_FILES:
                 shutil.copy2(output / name, staging / name)
-        measured = _run_tuning(ms, mod, tvm_target, staging, trials, runner, progress)
+        builder = ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_SEC, f_build=_build)
+        tasks = ms.relax_integration.extract_tasks(mod, tvm_target)
+        measured = _run_tuning(ms, mod, tvm_target, staging, trials, len(tasks), builder, runner, progress)
         if measured == 0:
             raise BackendError(f"{where}: tuning measured no candidate successfully (see {staging}/logs); "
                                "nothing was written")
         info = {"target": {"name": spec.name, "config": spec.config}, "source": source,
                 "inputs": {t.name: t.shape for t in inputs},
                 "trials": measured + (previous["trials"] if previous else 0),
-                "measured_by": f"rpc {rpc} key {key}" if rpc else "local"}
+                "measured_by": f"rpc {rpc} key {key}" if rpc else "local",
+                "tasks": _compare_with_defaults(ms, tasks, tvm_target, staging, builder, runner)}
         (staging / INFO).write_text(json.dumps(info, indent=2) + "\n")
         shutil.rmtree(staging / "logs", ignore_errors=True)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +95,17 @@ def tune(model, target: str | None = "x86", trials: int = 64, output: str | os.P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return info
+
+
+def _build(mod, target, _params):
+    """Build one scheduled candidate in a builder worker: MetaSchedule's `default_build` without its
+    import of `tvm.s_tir.tensor_intrin` (16-26 s per worker). Candidates arrive scheduled, with any
+    tensorized block already replaced by its intrinsic's implementation, so building needs no
+    registered intrinsic."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _measuring_target(spec: targets_mod.TargetSpec, threads: int):
@@ -133,7 +156,7 @@ def _remote_threads(config, rpc: str, key: str) -> int:
         raise BackendError(f"the RPC server {key!r} at {rpc} does not answer ({summarize(exc)})") from exc
 
 
-def _run_tuning(ms, mod, target, work_dir: Path, trials: int, runner, progress: bool) -> int:
+def _run_tuning(ms, mod, target, work_dir: Path, trials: int, tasks: int, builder, runner, progress: bool) -> int:
     """Run MetaSchedule with a progress bar; return the number of successfully measured candidates."""
     from tvm.ir.utils import derived_object
 
@@ -149,14 +172,13 @@ def _run_tuning(ms, mod, target, work_dir: Path, trials: int, runner, progress: 
             bar.set_postfix_str(f"task {task_id}, ok {counts['measured']}")
 
     try:
-        # MetaSchedule's first round gives every task `num_trials_per_iter` trials: share the budget
-        tasks = len(ms.relax_integration.extract_tasks(mod, target))
-        ms.relax_integration.tune_relax(
-            mod=mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
-            num_trials_per_iter=max(1, min(64, trials // max(tasks, 1))),
-            builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_SEC),
-            runner=runner, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Progress()],
-        )
+        with _unnamed_log_handlers_detached():
+            # MetaSchedule's first round gives every task `num_trials_per_iter` trials: share the budget
+            ms.relax_integration.tune_relax(
+                mod=mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
+                num_trials_per_iter=max(1, min(64, trials // max(tasks, 1))), builder=builder,
+                runner=runner, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Progress()],
+            )
     except GraphpressError:
         raise
     except Exception as exc:  # MetaSchedule raises TVMError subclasses
@@ -164,6 +186,93 @@ def _run_tuning(ms, mod, target, work_dir: Path, trials: int, runner, progress: 
     finally:
         bar.close()
     return counts["measured"]
+
+
+@contextlib.contextmanager
+def _unnamed_log_handlers_detached():
+    """Take handlers without a name off MetaSchedule's logger for the duration, then put them back.
+
+    Each tuning run, TVM 0.27 rebuilds its loggers with `logging.config.dictConfig`, listing the
+    names of the handlers already on the "tvm.s_tir.meta_schedule" logger, and fails on an unnamed
+    one ("'NoneType' object has no attribute 'format'"). After a first run that logger no longer
+    propagates, and pytest (like any application that does so) attaches its unnamed capture
+    handlers to every non-propagating logger, so a second tuning run in a test session failed.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
+
+
+def _workload_key(mod) -> str:
+    """The key of a tuning task's workload (a one-function IRModule) in `graphpress-tuning.json`."""
+    from tvm_ffi import structural_hash
+
+    return f"{structural_hash(mod) & (2 ** 64 - 1):016x}"
+
+
+def _compare_with_defaults(ms, tasks, target, work_dir: Path, builder, runner) -> list[dict]:
+    """Measure every task's best tuned schedule and graphpress' default schedule side by side.
+
+    Both are built and run by the same builder and runner (interleaved, one task after the other),
+    so the choice `apply_database` makes between them does not depend on when during tuning a
+    record was measured. Returns, per task: its name, workload key, call count (weight), and the
+    mean run time in milliseconds of the default and of the tuned schedule (None: no tuned record).
+    """
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    database = ms.database.JSONDatabase(*(str(work_dir / name) for name in _RECORD_FILES), allow_missing=False)
+    candidates, owners = [], []
+    for i, task in enumerate(tasks):
+        workload = task.dispatched[0]
+        tuned = database.query_ir_module(workload, target, "main")
+        for which, scheduled in (("default", _default_schedule(workload, target)), ("tuned", tuned)):
+            if scheduled is not None:
+                candidates.append(scheduled)
+                owners.append((i, which))
+    builds = builder.build([ms.builder.BuilderInput(m, target) for m in candidates])
+    runs = [None] * len(candidates)
+    ready = [j for j, b in enumerate(builds) if b.error_msg is None]
+    device = str(tvm.runtime.device(target.get_target_device_type())).split(":")[0]  # "cpu", "cuda"...
+    futures = runner.run([ms.runner.RunnerInput(builds[j].artifact_path, device,
+                                                ArgInfo.from_prim_func(candidates[j]["main"])) for j in ready])
+    for j, future in zip(ready, futures):
+        result = future.result()
+        if result.error_msg is None:
+            runs[j] = 1e3 * sum(float(t) for t in result.run_secs) / len(result.run_secs)
+    for b in builds:
+        if b.artifact_path is not None:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    rows = [{"task": t.task_name, "workload": _workload_key(t.dispatched[0]), "weight": int(t.weight),
+             "default_ms": None, "tuned_ms": None} for t in tasks]
+    for (i, which), elapsed in zip(owners, runs):
+        rows[i][f"{which}_ms"] = elapsed
+    return rows
+
+
+def _default_schedule(mod, target):
+    """`mod` scheduled as `compile` schedules functions without a tuned schedule: graphpress' CPU
+    rules for llvm targets, and for cuda the DLight GPU rules of TVM's own cuda pipeline."""
+    if target.kind.name == "llvm":
+        from .cpu import schedule
+
+        return schedule(mod, target)
+    from tvm.s_tir import dlight as dl
+
+    with target:
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                       dl.gpu.Fallback())(mod)
+
+
+def tuned_is_faster(row: dict) -> bool:
+    """Whether a task's tuned schedule measured faster than its default one (both measured)."""
+    return row["tuned_ms"] is not None and row["default_ms"] is not None and row["tuned_ms"] < row["default_ms"]
 
 
 def _read_info(db: Path) -> dict:
@@ -186,16 +295,44 @@ def _check_same(info: dict, spec: targets_mod.TargetSpec, source: dict, db: Path
 
 
 def apply_database(mod, spec: targets_mod.TargetSpec, db: str | os.PathLike) -> tuple:
-    """Apply a tuning database's best schedules to a lowered module; return it and a summary."""
+    """Apply a tuning database to a lowered module where it beats the default schedules.
+
+    A function gets its task's best tuned schedule only if `tune`'s final side-by-side measurement
+    found it faster than graphpress' default schedule; all others are left unscheduled here, and
+    `build` gives them the default schedules. Returns the module and a summary for the metadata:
+    functions scheduled by tuning, tasks tuned/kept default, and the estimated speed-up of the
+    tuned tasks (measured times weighted by call counts).
+    """
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
 
     db = Path(db)
     info = _read_info(db)
     _check_target(info, spec, db)
+    faster = {row["workload"] for row in info.get("tasks", []) if tuned_is_faster(row)}
     database = ms.database.JSONDatabase(*(str(db / name) for name in _RECORD_FILES), allow_missing=False)
-    with spec.tvm_target(), database:
+    chosen = ms.database.MemoryDatabase()
+    seen = set()
+    for record in database.get_all_tuning_records():
+        key = _workload_key(record.workload.mod)
+        if key in faster and key not in seen:
+            seen.add(key)
+            best = database.get_top_k(record.workload, 1)[0]
+            workload = chosen.commit_workload(record.workload.mod)
+            chosen.commit_tuning_record(ms.database.TuningRecord(best.trace, workload, best.run_secs, best.target,
+                                                                  best.args_info))
+    with spec.tvm_target(), chosen:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     prims = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     tuned = sum(1 for f in prims if f.attrs is not None and "tirx.is_scheduled" in f.attrs)
-    return mod, {"db": str(db.resolve()), "trials": info["trials"], "tuned_functions": tuned, "functions": len(prims)}
+    return mod, {"db": str(db.resolve()), "trials": info["trials"], "tuned_functions": tuned, "functions": len(prims),
+                 **_estimate(info.get("tasks", []))}
+
+
+def _estimate(rows: list[dict]) -> dict:
+    """Tasks tuned / kept default, and sum(weight x default) / sum(weight x chosen) over the measured tasks."""
+    measured = [r for r in rows if r["default_ms"] is not None]
+    default = sum(r["weight"] * r["default_ms"] for r in measured)
+    chosen = sum(r["weight"] * (r["tuned_ms"] if tuned_is_faster(r) else r["default_ms"]) for r in measured)
+    return {"tasks": len(rows), "tasks_tuned": sum(map(tuned_is_faster, rows)),
+            "estimated_speedup_of_tasks": round(default / chosen, 4) if chosen else None}
