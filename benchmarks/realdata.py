@@ -6,7 +6,9 @@ One place knows each model's input preprocessing, its calibration split and its 
     top1 = evaluate("mobilenet_v2", "model_int8.onnx")             # on all 1000 images
 
 Calibration and evaluation follow shared/data/README.md: calibration on a fixed subset, the metric on all
-samples. MiniLM calibrates on the first sentence of every 13th STS-B test pair (there is no dev split here).
+samples. MiniLM calibrates on the first sentence of every 13th STS-B test pair (there is no dev split here);
+where calibration must not touch the evaluated pairs, `stsb_holdout` sets pairs aside: both their sentences
+calibrate (`stsb_sentences`) and `evaluate(..., skip=pairs)` leaves them out of the Spearman.
 """
 
 from __future__ import annotations
@@ -135,6 +137,36 @@ def calibration_batches(key: str, n: int = 100, batch_size: int = 1) -> list[dic
     return [{name: value[i:i + batch_size] for name, value in full.items()} for i in range(0, len(idx), batch_size)]
 
 
+def stsb_holdout(every: int = 5) -> np.ndarray:
+    """STS-B pairs set aside for calibration (every `every`-th from index 2); evaluate with skip= them."""
+    return np.arange(2, len(_stsb()["score"]), every)
+
+
+def stsb_sentences(pairs: np.ndarray, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """The distinct sentences of these pairs that no other pair contains (so calibration on them shares
+    no text with a Spearman that skips these pairs), cut to their attention mask and batched with
+    sentences of the same length (padding never reaches the masked-mean embedding, so its activations
+    would only blur calibration statistics); the batches in a fixed shuffled order, so that any first
+    few mix lengths."""
+    data = _stsb()
+    others = np.setdiff1d(np.arange(len(data["score"])), pairs)
+    taken = {str(text) for side in ("a", "b") for text in data[f"sentence_{side}"][others]}
+    by_length: dict[int, list[tuple[str, int]]] = {}
+    for i in pairs:
+        for side in ("a", "b"):
+            text = str(data[f"sentence_{side}"][i])
+            if text not in taken:
+                taken.add(text)
+                by_length.setdefault(int(data[f"attention_mask_{side}"][i].sum()), []).append((side, i))
+    batches = []
+    for length, members in sorted(by_length.items()):
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            ids = np.stack([data[f"input_ids_{side}"][i, :length] for side, i in chunk])
+            batches.append(_minilm_feed(ids, np.ones_like(ids)))
+    return [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
+
+
 # ---- evaluation ----------------------------------------------------------------------------------------
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -153,45 +185,52 @@ def ort_runner(model, threads: int = 0) -> Runner:
     return lambda feed: sess.run(None, feed)[0]
 
 
-def evaluate(key: str, model, limit: int | None = None, batch_size: int = 50) -> float:
+def evaluate(key: str, model, limit: int | None = None, batch_size: int = 50, skip: np.ndarray | None = None) -> float:
     """The model's metric on the real evaluation data: top-1 for image models, Spearman for MiniLM.
 
-    `model` is a path, ModelProto, graphpress Model, or a runner `f(inputs) -> first output`.
+    `model` is a path, ModelProto, graphpress Model, or a runner `f(inputs) -> first output`. `skip`:
+    sample indices left out (calibration samples, e.g. `calibration_indices`; STS-B pairs for MiniLM,
+    see `stsb_holdout`).
     """
     run = model if callable(model) else ort_runner(model)
     if key == "minilm":
-        return _spearman(run, limit, batch_size)
+        return _spearman(run, limit, batch_size, skip)
     inputs, labels = _inputs_and_labels(key)
     count = len(labels) if limit is None else min(limit, len(labels))
+    keep = np.setdiff1d(np.arange(count), skip if skip is not None else [])
     predictions = []
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        out = run({name: value[start:stop] for name, value in inputs.items()})
-        predictions.append(np.argmax(out.reshape(stop - start, -1), axis=1))
+    for start in range(0, len(keep), batch_size):
+        rows = keep[start:start + batch_size]
+        out = run({name: value[rows] for name, value in inputs.items()})
+        predictions.append(np.argmax(out.reshape(len(rows), -1), axis=1))
     predicted = np.concatenate(predictions)
     if key in ("mobilenet_v2", "mobilenet_v1"):
         predicted = predicted - 1  # index 0 is "background"
-    return float(np.mean(predicted == labels[:count]))
+    return float(np.mean(predicted == labels[keep]))
 
 
-def _spearman(run: Runner, limit: int | None, batch_size: int) -> float:
+def _spearman(run: Runner, limit: int | None, batch_size: int, skip: np.ndarray | None = None) -> float:
+    """Spearman of the pairs' embedding cosines with the gold scores. Sentences run in batches of similar
+    length cut to their longest mask (padding is masked out, so only rounding differs from full padding)."""
     from scipy.stats import spearmanr
     data = _stsb()
     count = len(data["score"]) if limit is None else min(limit, len(data["score"]))
+    keep = np.setdiff1d(np.arange(count), skip if skip is not None else [])
     embeddings = {}
     for side in ("a", "b"):
-        parts = []
-        for start in range(0, count, batch_size):
-            ids = data[f"input_ids_{side}"][start:start + batch_size][:count - start]
-            mask = data[f"attention_mask_{side}"][start:start + batch_size][:count - start]
-            hidden = run(_minilm_feed(ids, mask))
-            weights = mask[..., None].astype(np.float32)
-            pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
-            parts.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
-        embeddings[side] = np.concatenate(parts)
+        ids, mask = data[f"input_ids_{side}"][keep], data[f"attention_mask_{side}"][keep]
+        lengths = mask.sum(1)
+        pooled = np.zeros((len(keep), 384), dtype=np.float32)
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            cut = int(lengths[rows].max())
+            hidden = run(_minilm_feed(ids[rows, :cut], mask[rows, :cut]))
+            weights = mask[rows, :cut, None].astype(np.float32)
+            pooled[rows] = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        embeddings[side] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
     cosine = np.sum(embeddings["a"] * embeddings["b"], axis=1)
-    return float(spearmanr(cosine, data["score"][:count]).statistic)
-
+    return float(spearmanr(cosine, data["score"][keep]).statistic)
 
 
 def machine() -> str:

@@ -1,14 +1,13 @@
 """Unit tests of the low-rank pieces: rank selection, factorization (plain and whitened), conv patches."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphpress import ir
 from graphpress.errors import GraphpressError
 from graphpress.lowrank.conv import ConvGeometry, conv_matrix, pointwise_weight, spatial_weight
-from graphpress.lowrank.factorize import InputGram, decompose, thin_svd, whitening_factor
+from graphpress.lowrank.factorize import InputGram, PairedGram, decompose, refit_weight, thin_svd, whitening_factor
 from graphpress.lowrank.rank import (LayerCost, allocate_budget, dropped_energy, energy_rank, max_useful_rank,
                                      ratio_rank)
 
@@ -41,6 +40,7 @@ def test_dropped_energy():
 
 
 def _cost(spectrum, k, n):
+    """What the budget search sees of a k×n weight with this spectrum, without measurements."""
     return LayerCost(k * n, k + n, max_useful_rank(k, n), dropped_energy(np.asarray(spectrum, dtype=float)))
 
 
@@ -113,6 +113,21 @@ def test_whitened_factors_have_less_output_error_on_correlated_inputs():
         a, b = decompose(w, whitening).factors(rank)
         errors[name] = np.linalg.norm(test @ w - test @ a @ b) / np.linalg.norm(test @ w)
     assert errors["whitened"] < 0.5 * errors["plain"], errors
+
+
+def test_refit_weight_reproduces_the_original_outputs_from_perturbed_inputs():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((500, 12))
+    w = rng.standard_normal((12, 8))
+    seen = x @ (np.eye(12) + 0.3 * rng.standard_normal((12, 12)))     # what an upstream truncation did
+    gram = PairedGram(12)
+    for rows, original in zip(np.array_split(seen, 5), np.array_split(x, 5)):
+        gram.add_pair(rows, original)
+    refit = refit_weight(w, whitening_factor(gram.value, 1e-10), gram.value, gram.cross)
+    assert np.linalg.norm(seen @ w - x @ w) > 0.5 * np.linalg.norm(x @ w)
+    np.testing.assert_allclose(seen @ refit, x @ w, rtol=1e-3, atol=1e-3)   # seen: an invertible map of x
+    unchanged = x.T @ x
+    np.testing.assert_allclose(refit_weight(w, whitening_factor(unchanged, 0.01), unchanged, unchanged), w)
 
 
 def test_whitening_survives_a_rank_deficient_gram_and_refuses_a_zero_one():

@@ -33,13 +33,15 @@ def test_lenet_whitened_keeps_accuracy_where_plain_svd_loses_it():
 
 @pytest.mark.slow
 def test_minilm_quarter_of_matmul_weights_removed():
-    """Padded calibration measured 0.811-0.813 (whitened) and 0.786 (plain) vs float 0.8203."""
-    from benchmarks.bench_svd import unpadded
-    calibration = unpadded(realdata.calibration_batches("minilm", 100, 1))
-    model, report = split("minilm", "svd-split(target-params=0.75,budget-of=layers,ops=[MatMul])", calibration)
+    """Calibration on held-out STS-B pairs, Spearman on the others (float 0.8188 there). Plain whitened
+    splitting measured 0.8046; sequential refit of every layer brings it back to the float figure."""
+    pairs = realdata.stsb_holdout()
+    model, report = split("minilm", "svd-split(target-params=0.75,budget-of=layers,ops=[MatMul],sequential=true,"
+                                    "refit-unsplit=true)", realdata.stsb_sentences(pairs))
     assert report["params_after"] <= 0.75 * report["params_before"]
     assert len(report["layers"]) == 36
-    assert realdata.evaluate("minilm", model) > 0.80
+    float_score = realdata.evaluate("minilm", realdata.model_path("minilm"), skip=pairs)
+    assert realdata.evaluate("minilm", model, skip=pairs) >= float_score - 0.005
 
 
 @pytest.mark.slow

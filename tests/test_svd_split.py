@@ -249,12 +249,17 @@ def test_factors_are_quantized_by_insert_qdq_in_one_pipeline():
     assert ir.compare(model, result).max_rel < 0.05
 
 
+def two_branch_model(loudness):
+    """y = loudness·(x·w_loud) + x·w_quiet, both weights equal: only measurement tells the branches apart."""
+    w = spectrum_weight(np.linspace(2.0, 1.0, 20), 40, 40)
+    return make_model([helper.make_node("MatMul", ["x", "w_loud"], ["a"]), helper.make_node("Mul", ["a", "gain"], ["b"]),
+                       helper.make_node("MatMul", ["x", "w_quiet"], ["c"]), helper.make_node("Add", ["b", "c"], ["y"])],
+                      [("x", [8, 40])], ["y"], {"w_loud": w, "w_quiet": w.copy(), "gain": np.float32([loudness])})
+
+
 def test_measured_sensitivity_spares_the_layer_the_outputs_depend_on_most():
     """Two branches with the same spectrum, one scaled by 50 before the sum: only measurement tells them apart."""
-    w = spectrum_weight(np.linspace(2.0, 1.0, 20), 40, 40)
-    model = make_model([helper.make_node("MatMul", ["x", "w_loud"], ["a"]), helper.make_node("Mul", ["a", "fifty"], ["b"]),
-                        helper.make_node("MatMul", ["x", "w_quiet"], ["c"]), helper.make_node("Add", ["b", "c"], ["y"])],
-                       [("x", [8, 40])], ["y"], {"w_loud": w, "w_quiet": w.copy(), "fifty": np.float32([50.0])})
+    model = two_branch_model(50.0)
     calibration = [ir.random_inputs(model, seed=s) for s in range(3)]
     pipeline = "svd-split(target-params=0.85,budget-of=layers,sensitivity={})"
     _, measured, _ = split(model, pipeline.format("measured"), calibration)
@@ -284,3 +289,74 @@ def test_conv_without_patch_statistics_falls_back_to_plain_svd(caplog):
         result, _, stats = split(model, calibration=[ir.random_inputs(model)])
     assert stats["split"] == 1 and "plain SVD for" in caplog.text and "auto_pad=SAME_UPPER" in caplog.text
     assert_same_outputs(model, result)
+
+
+def test_measured_curves_give_the_more_sensitive_layer_more_rank():
+    """Both branches must be split; only the measured output error says which one the rank is worth more in."""
+    model = two_branch_model(5.0)
+    calibration = [ir.random_inputs(model, seed=s) for s in range(3)]
+    ranks = {}
+    for sensitivity in ("spectrum", "measured"):
+        _, report, _ = split(model, f"svd-split(target-params=0.5,budget-of=layers,sensitivity={sensitivity})",
+                             calibration)
+        assert report["params_after"] <= 0.5 * report["params_before"]
+        ranks[sensitivity] = {layer["weight"]: layer["rank"] for layer in report["layers"]}
+    assert ranks["spectrum"]["w_loud"] == ranks["spectrum"]["w_quiet"], ranks
+    assert ranks["measured"]["w_loud"] > ranks["measured"]["w_quiet"] > 0, ranks
+
+
+# ---- sequential factorization ------------------------------------------------------------------------
+def test_stages_follow_the_dependencies_between_weights():
+    from graphpress.lowrank.groups import group_sites, stages
+    from graphpress.lowrank.sites import find_site
+    weights = {name: RNG.standard_normal((8, 8)).astype(np.float32) for name in ("w1", "w2", "w3", "w4")}
+    model = make_model([helper.make_node("MatMul", ["h", "w4"], ["y"]),         # listed out of order on purpose
+                        helper.make_node("MatMul", ["x", "w1"], ["a"]),
+                        helper.make_node("MatMul", ["a", "w2"], ["b"]), helper.make_node("MatMul", ["a", "w3"], ["c"]),
+                        helper.make_node("Add", ["b", "c"], ["h"])], [("x", [2, 8])], ["y"], weights)
+    groups, _ = group_sites(model, [find_site(model, node) for node in model.graph.nodes if node.op == "MatMul"])
+    order = [sorted(groups[i].sites[0].source.name for i in stage) for stage in stages(model, groups)]
+    assert order == [["w1"], ["w2", "w3"], ["w4"]]
+
+
+def residual_model(w1, w2):
+    """y = (x + x·w1)·w2: what the truncated w1 loses stays recoverable from the residual sum."""
+    return make_model([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["x", "h"], ["r"]),
+                       helper.make_node("MatMul", ["r", "w2"], ["y"])], [("x", [None, 48])], ["y"], {"w1": w1, "w2": w2})
+
+
+def relative_error(model, result, batches):
+    """||y - y'||² / ||y||² over the batches, both models run in onnxruntime."""
+    pairs = [(ir.run(model, batch)["y"], ir.run(result, batch)["y"]) for batch in batches]
+    return sum(float(np.sum((a - b) ** 2)) for a, b in pairs) / sum(float(np.sum(a ** 2)) for a, _ in pairs)
+
+
+def test_sequential_refit_reduces_the_output_error():
+    """The second layer, re-fitted on the inputs the truncated first layer gives it, makes up for its error
+    (w2 has rank 10, so its own split at rank 12 would lose nothing)."""
+    rng = np.random.default_rng(11)
+    model = residual_model(rng.standard_normal((48, 48)).astype(np.float32), low_rank(48, 40, 10, rng))
+    calibration, held_out = correlated_batches(rng, 48, 8)
+    errors = {}
+    for sequential in ("false", "true"):
+        result, report, _ = split(model, f"svd-split(ratio=0.3,damping=1e-5,sequential={sequential})", calibration)
+        assert [layer["rank"] for layer in report["layers"]] == [15, 12]
+        errors[sequential] = relative_error(model, result, held_out)
+    assert errors["true"] < 0.5 * errors["false"], errors
+
+
+def test_refit_unsplit_corrects_a_whole_layer_behind_a_split_one():
+    rng = np.random.default_rng(12)
+    model = residual_model(spectrum_weight(SPECTRUM, 48, 48), rng.standard_normal((48, 40)).astype(np.float32))
+    w2 = ir.Model.constant_value(model.tensors()["w2"])
+    calibration, held_out = correlated_batches(rng, 48, 8)
+    errors = {}
+    for refit in ("false", "true"):
+        # w2's flat spectrum needs a rank beyond break-even for 99.9%: only w1 is split
+        result, report, _ = split(model, f"svd-split(energy=0.999,sequential=true,refit-unsplit={refit})",
+                                  calibration)
+        assert report["layers"][0]["rank"] is not None and report["layers"][1]["rank"] is None, report
+        errors[refit] = relative_error(model, result, held_out)
+        changed = not np.array_equal(ir.Model.constant_value(result.tensors()["w2"]), w2)
+        assert changed == (refit == "true")
+    assert errors["true"] < 0.5 * errors["false"], errors

@@ -6,6 +6,13 @@ error ||W - A·B||. What matters is the output error ||x·W - x·A·B||, which i
 ||Lᵀ(W - A·B)|| for the Cholesky factor L of the input Gram matrix G = xᵀx = L·Lᵀ. Truncating the
 SVD of Lᵀ·W and mapping back with L⁻ᵀ therefore gives the rank-r factors with the least output
 error on the calibration data (the closed form of SVD-LLM; ASVD scales by activation magnitudes only).
+
+Sequential factorization (SVD-LLM v2 / GPTQ style) feeds a layer the inputs x' of the already-factored
+model but still aims at the original outputs x·W. With G' = x'ᵀx' + δI = L'·L'ᵀ and C = x'ᵀx,
+||x'·M - x·W||² + δ||M - W||² = ||L'ᵀ(M - W*)||² + const for W* = W + (G')⁻¹(C - x'ᵀx')·W
+(`refit_weight`: the least-squares weight, ridged toward W). Truncating the SVD of L'ᵀ·W* therefore gives
+the rank-r factors that best reproduce the original layer's outputs from the inputs it will really see,
+so each layer also corrects the error the layers before it left.
 """
 
 from __future__ import annotations
@@ -33,6 +40,31 @@ class InputGram:
         rows = np.asarray(rows, dtype=np.float32).reshape(-1, self.value.shape[0])
         self.value += rows.T @ rows     # float32 within a batch, float64 across batches
         self.rows += rows.shape[0]
+
+
+class PairedGram(InputGram):
+    """Also accumulates C = Σ x'ᵀx between the rows x' a layer sees and the rows x of the original model."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.cross = np.zeros((k, k), dtype=np.float64)
+
+    def add_pair(self, rows: np.ndarray, original: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float32).reshape(-1, self.value.shape[0])
+        original = np.asarray(original, dtype=np.float32).reshape(rows.shape)
+        self.add(rows)
+        self.cross += rows.T @ original
+
+
+def refit_weight(weight: np.ndarray, whitening: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """W* = W + (L·Lᵀ)⁻¹(C - G)·W: the weight whose outputs on the rows x' best match x·W (module docstring).
+
+    `whitening` is L from `whitening_factor(gram, ...)`, so its damping ridges W* toward W in directions
+    the calibration rows do not span.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    step = scipy.linalg.solve_triangular(whitening, (cross - gram) @ weight, lower=True)
+    return weight + scipy.linalg.solve_triangular(whitening.T, step, lower=False)
 
 
 def whitening_factor(gram: np.ndarray, damping: float) -> np.ndarray:

@@ -3,6 +3,9 @@
 Factoring a weight only saves parameters if the original disappears, so a group is refused when the
 weight has any other use (an op that is not factorable, a graph output, sites that read it in another
 orientation).
+
+`stages` orders groups for sequential factorization: each stage holds the groups whose inputs depend on
+no group of a later stage (in a transformer layer: Q/K/V, then the attention output, then each FFN MatMul).
 """
 
 from __future__ import annotations
@@ -55,6 +58,42 @@ class WeightGroup:
                                        new_constant(model, f"{base}_svd_b", b.astype(dtype)))
             inserted.append(site.rewrite(model, *stored[site.layout]))
         return inserted
+
+
+    @property
+    def settable(self) -> bool:
+        """Whether `set_matrix` can replace the weight (an initializer, not a Constant node's output)."""
+        return isinstance(self.sites[0].source, gs.Constant)
+
+    def set_matrix(self, matrix: np.ndarray) -> None:
+        """Replace the weight's value by `matrix` (in the row convention), stored in its own layout."""
+        source = self.sites[0].source
+        value = matrix.T if self.sites[0].transposed else matrix
+        source.values = np.ascontiguousarray(value, dtype=self.matrix.dtype)
+        for site in self.sites:
+            site.matrix = np.asarray(matrix, dtype=site.matrix.dtype)
+
+
+def stages(model: Model, groups: list[WeightGroup]) -> list[list[int]]:
+    """Group indices in dependency order: a group comes after every group that its input depends on."""
+    owner = {id(site.node): i for i, group in enumerate(groups) for site in group.sites}
+    upstream: dict[str, frozenset[int]] = {}
+    model.graph.toposort()
+    for node in model.graph.nodes:
+        found = frozenset().union(*(upstream.get(t.name, frozenset()) for t in node.inputs))
+        if id(node) in owner:
+            found |= {owner[id(node)]}
+        for tensor in node.outputs:
+            upstream[tensor.name] = found
+    needs = [frozenset().union(*(upstream.get(site.activation.name, frozenset()) for site in group.sites)) - {i}
+             for i, group in enumerate(groups)]
+    remaining, order = set(range(len(groups))), []
+    while remaining:
+        # a weight shared around a cycle (ALBERT-style reuse) has no clean order: take the earliest group
+        ready = sorted(i for i in remaining if not needs[i] & remaining) or [min(remaining)]
+        order.append(ready)
+        remaining -= set(ready)
+    return order
 
 
 def group_sites(model: Model, sites: list[Site]) -> tuple[list[WeightGroup], dict[str, str]]:

@@ -4,11 +4,11 @@ A weight of k×n parameters split at rank r becomes two factors holding r·(k+n)
 split only pays while r < k·n/(k+n); `max_useful_rank` applies that bound with a safety margin.
 
 The global budget (`allocate_budget`) spreads a parameter budget over layers by their sensitivity:
-each layer's cost of truncating to rank r is the share of its (whitened, when calibration data was
-used) spectral energy that is dropped, i.e. its relative output (or weight) error, times a
-per-layer weight. A Lagrangian search picks, for one price per parameter, the option that minimises
-cost + price·parameters in every layer (an unsplit layer is one of the options), and bisects the
-price until the total fits the budget. That handles the jump at the break-even rank that a greedy
+each layer's cost of truncating to rank r is a curve over r, either the share of its (whitened, when
+calibration data was used) spectral energy that is dropped, i.e. its relative output (or weight)
+error, or the measured error of the model outputs (`lowrank.sensitivity`). A Lagrangian search
+picks, for one price per parameter, the option that minimises cost + price·parameters in every layer
+(an unsplit layer is one of the options), and bisects the price until the total fits the budget. That handles the jump at the break-even rank that a greedy
 rank-by-rank search trips over.
 """
 
@@ -64,15 +64,14 @@ class LayerCost:
     params: int                 # parameters of the unsplit weight
     params_per_rank: int        # parameters each unit of rank costs (k + n)
     max_rank: int               # largest rank that still saves (see max_useful_rank)
-    dropped: np.ndarray         # dropped[r]: relative error at rank r (see dropped_energy)
-    sensitivity: float = 1.0    # how much this layer's relative error counts
+    error: np.ndarray           # error[r]: what truncating to rank r costs (dropped_energy, or measured)
 
     def best(self, price: float) -> int | None:
-        """The rank (None = leave unsplit) minimising sensitivity·error + price·parameters."""
+        """The rank (None = leave unsplit) minimising error + price·parameters."""
         if self.max_rank < 1:
             return None
         ranks = np.arange(1, self.max_rank + 1)
-        costs = self.sensitivity * self.dropped[ranks] + price * ranks * self.params_per_rank
+        costs = self.error[ranks] + price * ranks * self.params_per_rank
         r = int(ranks[np.argmin(costs)])
         return r if costs[r - 1] < price * self.params else None
 
@@ -97,7 +96,7 @@ def allocate_budget(layers: list[LayerCost], budget: float, iterations: int = 10
         raise GraphpressError(
             f"the parameter budget cannot be met: the factorable weights hold {full} parameters and still "
             f"{tightest} at rank 1, but the budget leaves them {int(budget)}")
-    scale = max(layer.sensitivity for layer in layers) / min(layer.params_per_rank for layer in layers)
+    scale = max(float(np.max(layer.error)) for layer in layers) / min(layer.params_per_rank for layer in layers)
     low, high = 0.0, scale
     while choose(high)[1] > budget:
         high *= 2.0

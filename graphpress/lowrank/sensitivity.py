@@ -1,12 +1,14 @@
-"""Measured sensitivity: how far the model's outputs move per unit of a layer's own truncation error.
+"""Measured sensitivity: how far the model's outputs move when one layer is truncated, as a curve over rank.
 
 The spectrum says how much of a layer's own output (or weight) a rank keeps, but not what that costs
 downstream: an error in an attention value projection and the same relative error in a classifier
-head move the model's outputs by very different amounts. `measured_gains` splits one weight group at
-a time at a probe rank (half its break-even rank), runs the model on a few calibration batches, and
-returns gain = (relative squared error of the model outputs) / (the layer's own dropped energy). The
-budget search then weighs each layer's spectrum by its gain: a first-order model in which layer
-errors add up at the outputs.
+head move the model's outputs by very different amounts. `measured_costs` splits one weight group at
+a time at a few probe ranks (evenly spread below its break-even rank), runs the model on a few
+calibration batches, and measures the relative squared error of the model outputs at each. Between
+probes the error follows the layer's own dropped energy: cost(r) = gain(r)·dropped(r), with the gain
+(output error per unit of own dropped energy) interpolated linearly in r between the probes and held
+constant beyond them. So the budget search sees each layer's measured error at the probed ranks and a
+spectrum-shaped curve in between: a first-order model in which layer errors add up at the outputs.
 """
 
 from __future__ import annotations
@@ -42,30 +44,33 @@ def trial_split(model: Model, group: WeightGroup, decomposition: Decomposition, 
         model.node_docs = docs
 
 
-def measured_gains(model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
-                   limits: list[int], batches: Iterable[dict[str, np.ndarray]], progress: bool = True) -> list[float]:
-    """Output error per unit of own dropped energy, for every group (see the module docstring)."""
+def measured_costs(model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
+                   limits: list[int], batches: Iterable[dict[str, np.ndarray]], probes: int = 4,
+                   progress: bool = True) -> list[np.ndarray]:
+    """cost[r] (r = 0..len(s)) per group: measured relative output error, see the module docstring."""
     batches = list(batches)
     reference = _outputs(model, batches)
     energy = sum(float(np.sum(y.astype(np.float64) ** 2)) for y in reference)
-    gains: list[float] = []
+    curves: list[np.ndarray] = []
     items = list(zip(groups, decompositions, limits))
     if progress:
         from tqdm.auto import tqdm
         items = tqdm(items, desc="svd-split: sensitivity", unit="layer", leave=False)
     for group, decomposition, limit in items:
-        probe = max(1, limit // 2)
-        own = float(dropped_energy(decomposition.s)[min(probe, decomposition.s.size)])
-        if limit < 1 or own <= 1e-12:
-            gains.append(float("nan"))
-            continue
-        with trial_split(model, group, decomposition, probe):
-            moved = _outputs(model, batches)
-        error = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(moved, reference))
-        gains.append(error / max(energy, 1e-300) / own)
-    known = [g for g in gains if np.isfinite(g)]
-    fill = float(np.median(known)) if known else 1.0
-    return [g if np.isfinite(g) else fill for g in gains]
+        dropped = dropped_energy(decomposition.s)
+        ranks = sorted({max(1, round(limit * (j + 1) / (probes + 1))) for j in range(probes)}) if limit >= 1 else []
+        measured, gains = [], []
+        for rank in ranks:
+            if dropped[rank] <= 1e-12:
+                continue
+            with trial_split(model, group, decomposition, rank):
+                moved = _outputs(model, batches)
+            error = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(moved, reference))
+            measured.append(rank)
+            gains.append(error / max(energy, 1e-300) / dropped[rank])
+        # no probe measurable: no split saves, or the truncations drop nothing (an exactly low-rank weight)
+        curves.append(dropped * np.interp(np.arange(dropped.size), measured, gains) if measured else dropped)
+    return curves
 
 
 def _outputs(model: Model, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
