@@ -62,9 +62,10 @@ def output_step(model: onnx.ModelProto) -> float:
 
 
 def integer_kernels(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Names of the fused conv/matmul functions after `prepare`: (integer ones, float ones).
+    """Names of the fused conv/matmul functions after `prepare`, once per call: (integer ones, float ones).
 
-    Integer convolutions are the packed `conv2d_pairs` / `conv2d_quads` kernels; integer matmuls take int16 or uint8.
+    Integer convolutions are the packed `conv2d_pairs` / `conv2d_quads` kernels; integer matmuls take
+    int16 or uint8. Layers of equal shapes and constants share one function, called once each.
     """
     specs, _ = input_specs(model, None, "test")
     target = targets.resolve("x86").tvm_target()
@@ -76,7 +77,8 @@ def integer_kernels(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
             signature = next(line for line in func.script().splitlines() if "def main(" in line)
             first_dtype = re.search(r'"(\w+)"\)', signature).group(1)
             is_integer = "conv2d_pairs" in name or "conv2d_quads" in name or ("matmul" in name and first_dtype in ("int16", "uint8"))
-            (integer if is_integer else floating).append(name)
+            calls = len(re.findall(rf"\b{name}\b,", prepared["main"].script()))
+            (integer if is_integer else floating).extend([name] * calls)
     assert "dequantize" not in str(prepared) and "quantize(" not in str(prepared)
     return integer, floating
 

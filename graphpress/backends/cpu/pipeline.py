@@ -11,7 +11,9 @@ tuned functions keep their tuned schedules).
 1. Layout: convolutions to channels-last (NHWC activations, HWIO weights) so the output channel
    is the contiguous, vectorized axis of both the output and the weights; the weight transposes
    fold into the constants, and layout conversions between consecutive convolutions cancel.
-   Output channels that no vector divides are padded (see `channel_padding`).
+   Output channels that no vector divides are padded (see `channel_padding`); int8 convolutions and
+   matmuls get packed weights (see `pairs`) and their requantization epilogues are folded into one
+   multiply-add, round and clamp (see `requantize`).
    exp, erf, tanh and softmax as TVM's polynomial `fast_*` versions (~1e-7 relative error), which
    vectorize; the default lowering calls scalar libm per element (GELU's erf was half of MiniLM's time).
 2. Legalize and fuse: conv/matmul + bias + activation + residual add become one PrimFunc.
@@ -28,6 +30,7 @@ def prepare_passes(target) -> list:
     from .int8 import elementwise_qdq, integer_conv_matmul
     from .pairs import pack_dot_products
     from .relax_rewrites import channels_last, clip_to_relax_ops, fold_constants_numpy
+    from .requantize import fold_requantize
 
     return [
         relax.transform.DecomposeOpsForInference(),
@@ -40,6 +43,7 @@ def prepare_passes(target) -> list:
         fold_constants_numpy(),
         pad_output_channels(),
         pack_dot_products(target),
+        fold_requantize(),
         relax.transform.FastMathTransform(),  # vectorizable exp/erf/tanh/softmax: libm calls are scalar
         relax.transform.FoldConstant(),
         relax.transform.LegalizeOps(),

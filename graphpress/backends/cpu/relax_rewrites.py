@@ -97,10 +97,13 @@ class _FoldConstantsNumpy(relax.PyExprMutator):
 
 
 def mutator_pass(mutator_class, name: str):
-    """A module pass running `mutator_class(mod)` over every Relax function, then dead-code elimination."""
+    """A module pass running `mutator_class(mod)` over every Relax function, then dead-code elimination.
+
+    Works on a copy: a module pass receives the caller's module, which must stay as it was."""
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = mod.clone()
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 mod[gvar] = mutator_class(mod).visit_expr(func)
