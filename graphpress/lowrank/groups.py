@@ -68,8 +68,7 @@ class WeightGroup:
     def set_matrix(self, matrix: np.ndarray) -> None:
         """Replace the weight's value by `matrix` (in the row convention), stored in its own layout."""
         source = self.sites[0].source
-        value = matrix.T if self.sites[0].transposed else matrix
-        source.values = np.ascontiguousarray(value, dtype=self.matrix.dtype)
+        source.values = np.ascontiguousarray(self.sites[0].source_value(matrix), dtype=self.matrix.dtype)
         for site in self.sites:
             site.matrix = np.asarray(matrix, dtype=site.matrix.dtype)
 

@@ -64,6 +64,10 @@ class Site:
         """The factors as this op's weight initializers."""
         return first, second
 
+    def source_value(self, matrix: np.ndarray) -> np.ndarray:
+        """A matrix in the row convention -> the value of the source constant that gives it."""
+        return matrix.T if self.transposed else matrix
+
     def rewrite(self, model: Model, first: gs.Constant, second: gs.Constant) -> gs.Node:
         """Insert the first thin op before `node` and turn `node` into the second; returns the new node."""
         hidden = self._hidden(model)
@@ -162,6 +166,9 @@ class ConvSite(Site):
 
     def stored(self, first, second):
         return spatial_weight(first, self.source_shape), pointwise_weight(second, len(self.source_shape))
+
+    def source_value(self, matrix):
+        return matrix.T.reshape(self.source_shape)
 
     def rewrite(self, model, first, second):
         hidden = self._hidden(model)
