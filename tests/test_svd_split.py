@@ -377,3 +377,25 @@ def test_refit_unsplit_writes_each_layout_back_in_place():
     result, _, stats = split(model, "svd-split(energy=1.0,sequential=true,refit-unsplit=true)", calibration)
     assert stats["split"] == 0 and stats["refit_whole"] == 3
     assert_same_outputs(model, result)
+
+
+def test_measured_curve_of_a_lone_layer_is_its_whitened_dropped_energy():
+    """For y = x·W the model's relative output error at rank r is exactly the whitened spectrum's dropped share."""
+    from graphpress.lowrank.factorize import InputGram, decompose, whitening_factor
+    from graphpress.lowrank.groups import group_sites
+    from graphpress.lowrank.rank import dropped_energy, max_useful_rank
+    from graphpress.lowrank.sensitivity import measured_costs
+    from graphpress.lowrank.sites import find_site
+    rng = np.random.default_rng(13)
+    model = matmul_model((None, 48), rng.standard_normal((48, 40)).astype(np.float32))
+    batches, _ = correlated_batches(rng, 48, 4)
+    groups, _ = group_sites(model, [find_site(model, node) for node in model.graph.nodes])
+    gram = InputGram(48)
+    for batch in batches:
+        gram.add(batch["x"])
+    decomposition = decompose(groups[0].matrix, whitening_factor(gram.value, 1e-9))
+    limit = max_useful_rank(48, 40)
+    curve = measured_costs(model, groups, [decomposition], [limit], batches, probes=3, progress=False)[0]
+    dropped = dropped_energy(decomposition.s)
+    for rank in (limit // 4, limit // 2, 3 * limit // 4):
+        assert curve[rank] == pytest.approx(dropped[rank], rel=0.02), rank
