@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="1.0%", help="largest allowed metric drop: '1%%' or 0.01 (default 1.0%%)")
     p.add_argument("--target", default="x86", help="compile target for the artifact, or 'none' to skip compiling")
     p.add_argument("--threads", type=int, default=1, help="threads for latency measurements (default 1)")
+    p.add_argument("--keep-names", action="store_true",
+                   help="keep internal tensor/node names and shapes (default: the `compact` pass shortens them)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=cmd_compress)
 
@@ -233,7 +235,8 @@ def cmd_compress(args) -> int:
     budget = parse_budget(args.budget)
     calibration = calibration_from_args(args, load(args.model))
     result = compress(args.model, calibration, args.output, evaluator=evaluator, budget=budget,
-                      target=None if args.target == "none" else args.target, threads=args.threads)
+                      target=None if args.target == "none" else args.target, threads=args.threads,
+                      compact=not args.keep_names)
     _print_compress_result(result)
     return 0
 

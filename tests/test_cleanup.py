@@ -127,3 +127,30 @@ def test_cse_keeps_both_nodes_when_each_is_a_graph_output():
                   [("x", FLOAT, [2])], [("y1", FLOAT, [2]), ("y2", FLOAT, [2])])
     cleaned, _ = run_pass(proto, "cse")
     assert [o.name for o in cleaned.to_onnx().graph.output] == ["y1", "y2"]
+
+
+def test_compact_shortens_internal_names_and_drops_shapes_but_keeps_the_interface():
+    """Long internal names (as converters write them) become short counters, also inside an If branch that
+    reads an outer tensor; value_info and doc strings go; graph input/output names and outputs stay."""
+    long = "MobilenetV2/expanded_conv/depthwise/BatchNorm_Fold/bias_prequant;" * 2
+    then_branch = helper.make_graph([helper.make_node("Mul", [long + "a", "w"], ["t_out"])], "then", [],
+                                    [helper.make_tensor_value_info("t_out", FLOAT, [2])])
+    else_branch = helper.make_graph([helper.make_node("Neg", [long + "a"], ["e_out"])], "else", [],
+                                    [helper.make_tensor_value_info("e_out", FLOAT, [2])])
+    nodes = [helper.make_node("Relu", ["x"], [long + "a"], name=long + "relu", doc_string="converted from tf"),
+             helper.make_node("ReduceSum", [long + "a"], [long + "s"], keepdims=0),
+             helper.make_node("Greater", [long + "s", "zero"], [long + "c"]),
+             helper.make_node("If", [long + "c"], [long + "b"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Clip", [long + "b", "", "six"], ["y"])]   # "" is an omitted optional input
+    proto = model(nodes, [("x", FLOAT, [2])], [("y", FLOAT, [2])],
+                  {"w": np.float32([2, 3]), "zero": np.float32(0), "six": np.float32(6)})
+    proto.graph.value_info.extend([helper.make_tensor_value_info(long + "a", FLOAT, [2])])
+    proto.doc_string = "exported"
+    for x in (np.float32([1, -2]), np.float32([-1, -2])):
+        compacted, stats = run_pass(proto, "compact", inputs={"x": x})
+    out = compacted.to_onnx()
+    names = [n.name for n in out.graph.node] + [e for n in out.graph.node for e in list(n.input) + list(n.output)]
+    assert max(len(name) for name in names) <= 2 and "" in out.graph.node[-1].input
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    assert not out.graph.value_info and not out.doc_string and not any(n.doc_string for n in out.graph.node)
+    assert stats["compact"]["renamed"] == 7 and len(out.SerializeToString()) < len(proto.SerializeToString()) / 2

@@ -111,12 +111,13 @@ def test_compress_respects_the_budget_and_reports_every_stage(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["pipeline"] == result["pipeline"] and report["pipeline"].startswith("fold")
     stages = [s["stage"] for s in report["stages"]]
-    assert stages[:2] == ["float", "fold"] and set(stages[2:]) <= {"prune", "svd", "int8", "int4"}
+    assert stages[:2] == ["float", "fold"] and stages[-1] == "compact"
+    assert set(stages[2:-1]) <= {"prune", "svd", "int8", "int4"} and report["pipeline"].endswith(",compact")
     final = report["stages"][-1]
     assert final["metric"] >= report["float_metric"] - budget
     # the metric recorded for the written model is the model's real metric
     assert evaluate_top1(tmp_path / "model.onnx") == pytest.approx(final["metric"])
-    assert final["size_bytes"] < report["stages"][0]["size_bytes"]
+    assert final["size_bytes"] < report["stages"][-2]["size_bytes"] < report["stages"][0]["size_bytes"]
     accepted = [t for t in report["search"]["trials"] if t["accepted"]]
     assert all(t["metric"] >= report["float_metric"] - budget for t in accepted)
     assert report["search"]["pareto_front"]

@@ -154,6 +154,31 @@ def test_depthwise_convolutions_read_one_byte_inputs(tmp_path):
     assert assert_int8_matches(qdq, {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}) >= 0.99
 
 
+def test_graphpress_int4_weights_run_as_int8_kernels_in_both_runtimes(tmp_path):
+    """graphpress' 4-bit weights (insert-qdq int4-share=1, read through Cast(to=INT8), no zero points, bias
+    scales as a Mul): onnxruntime folds the Cast and runs QLinearConv, TVM widens them and takes its integer
+    kernels; both within one output step of the exact QDQ arithmetic."""
+    from graphpress.ir import Model
+    from graphpress.passes import PassManager
+    calibration = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    model = Model.from_onnx(residual_conv_net())
+    PassManager("insert-qdq(int4-share=1.0)").run(model, calibration=calibration)
+    qdq = model.to_onnx()
+    casts = [n for n in qdq.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 4 and all(n.attribute[0].i == onnx.TensorProto.INT8 for n in casts)
+    constants = {t.name for t in qdq.graph.initializer} | {n.output[0] for n in casts}
+    weights_and_biases = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert len(weights_and_biases) == 8 and all(len(n.input) == 2 for n in weights_and_biases)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(qdq.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused_ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused_ops.count("QLinearConv") == 4 and "Conv" not in fused_ops and "Cast" not in fused_ops
+    integer, floating = integer_kernels(qdq)
+    assert len(integer) == 3 and len(floating) == 1  # as with 8-bit weights: the depthwise conv stays float
+    assert assert_int8_matches(qdq, {"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)}) >= 0.99
+
+
 def test_vnni_targets_take_channel_quads(tmp_path):
     """With VNNI, 3x3 (padded with the zero point) and 1x1 convolutions and matmuls use u8 x s8 quads
     (`vpdpbusd`); AVX2 keeps int16 pairs (`vpmaddwd`). Lowered only: the host may lack VNNI."""

@@ -118,11 +118,14 @@ def test_per_channel_axes_and_int32_biases():
         assert node.inputs[1].values.shape == (channels,)
     bias = dq_of(q, "b1")
     assert bias.inputs[0].values.dtype == np.int32
-    # bias scale = input scale x weight scale, per output channel
+    # bias scale = input scale x weight scale, per output channel: a Mul of the two initializers, not stored
     x_dq = q.tensors()["x"].outputs[0].outputs[0].outputs[0]
     assert x_dq.op == "DequantizeLinear"
-    np.testing.assert_allclose(bias.inputs[1].values, x_dq.inputs[1].values * dq_of(q, "w1").inputs[1].values,
-                               rtol=1e-6)
+    product = bias.inputs[1].inputs[0]
+    assert product.op == "Mul" and product.inputs == [x_dq.inputs[1], dq_of(q, "w1").inputs[1]]
+    # symmetric weights and biases: no zero-point input (0 by default); activations keep theirs
+    assert all(len(dq_of(q, name).inputs) == 2 for name in ("w1", "w2", "wf", "b1"))
+    assert len(x_dq.inputs) == 3
     _, qt, _ = quantize(conv_transpose_net())
     assert dq_of(qt, "w").attrs["axis"] == 1 and dq_of(qt, "w").inputs[1].values.shape == (6,)
     _, qm, _ = quantize(matmul_net())

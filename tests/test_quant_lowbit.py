@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphpress.errors import PassError
 from graphpress.ir import Model, load, model_size_bytes, run
 from graphpress.passes import PassManager
-from graphpress.quant.gptq import gptq_quantize
+from graphpress.quant.gptq import gptq_quantize, gptq_with_scale_search
 from graphpress.quant.scales import clipped_ranges, dequantize, quantize_weight
 from graphpress.quant.sensitivity import sqnr_db
 
@@ -64,14 +64,41 @@ def test_int4_constants_survive_export_and_run_in_onnxruntime():
 def test_int4_weights_are_clipped_where_that_lowers_the_error():
     w = RNG.standard_normal((256, 8)).astype(np.float32)
     w[0, 0] = 12.0                      # one outlier in channel 0
-    low, high = clipped_ranges(w, 1, 7)
+    low, high = clipped_ranges(w, 1, 7, -8)
     assert high[0] < 12.0 and np.allclose(low, -high)
     q, scale, zero = quantize_weight(w, 1, bits=4)
-    assert q.dtype == ml_dtypes.int4 and int(np.asarray(q, np.int8).min()) >= -7
+    assert q.dtype == ml_dtypes.int4 and not np.any(np.asarray(zero, np.int8))
     clipped_error = np.square(dequantize(q, scale, zero, 1) - w)[:, 0].sum()
     full_scale = np.abs(w[:, 0]).max() / 7
-    full_error = np.square(np.clip(np.rint(w[:, 0] / full_scale), -7, 7) * full_scale - w[:, 0]).sum()
+    full_error = np.square(np.clip(np.rint(w[:, 0] / full_scale), -8, 7) * full_scale - w[:, 0]).sum()
     assert clipped_error < full_error
+
+
+def test_int4_weights_use_all_sixteen_levels():
+    """A channel whose negative tail reaches further than its positive one uses level -8 (step = range / 7),
+    and its error is below the 15-level [-7, 7] grid's."""
+    w = RNG.standard_normal((512, 4)).astype(np.float32)
+    w[0] = -np.abs(w).max() * 1.1
+    q, scale, zero = quantize_weight(w, 1, bits=4)
+    assert int(np.asarray(q, np.int8).min()) == -8
+    sixteen = np.square(dequantize(q, scale, zero, 1) - w).sum()
+    low, high = clipped_ranges(w, 1, 7)
+    step = high / 7
+    fifteen = np.square(np.clip(np.rint(w / step), -7, 7) * step - w).sum()
+    assert sixteen < fifteen
+
+
+def test_gptq_scale_search_lowers_the_output_error_below_fixed_clipping():
+    """Choosing each column's step by its output error after GPTQ beats GPTQ with the weight-MSE clipping."""
+    x = correlated_batches(k=64, n=1, rows=2000)[0]["x"].astype(np.float64)
+    w = RNG.standard_normal((64, 16)) * np.linspace(0.2, 2.0, 64)[:, None]
+    gram = x.T @ x
+    q, step = gptq_with_scale_search(w, gram, 7, -8, 7)
+    assert np.all(q == np.rint(q)) and q.min() >= -8 and q.max() <= 7 and step.shape == (16,)
+    _, high = clipped_ranges(w, 1, 7, -8)
+    fixed = gptq_quantize(w, gram, high / 7, -8, 7)
+    searched_error = np.linalg.norm(x @ (w - q * step))
+    assert searched_error < np.linalg.norm(x @ (w - fixed * (high / 7)))
 
 
 def test_gptq_lowers_the_output_error_below_round_to_nearest():

@@ -1,7 +1,10 @@
-"""`compress`: fold → prune-channels → svd-split → insert-qdq → compile, measured after every stage.
+"""`compress`: fold → prune-channels → svd-split → insert-qdq → compact → compile, measured after every stage.
 
 Each compression stage is searched (see `search.py`) for its most aggressive setting whose metric stays
 within `budget` of the float model's; a stage that cannot stay within budget is skipped, and says so.
+`compact` (on by default) then shortens internal tensor/node names and drops intermediate shapes: the
+outputs are unchanged, graph input/output names too, and the file is smaller (converted TF models
+carry names of ~100 characters on every edge).
 The result is a directory: `model.onnx`, the compiled `artifact/`, `report.json`, `report.html` and the
 plots.
 """
@@ -39,7 +42,7 @@ DEFAULT_KNOBS = (
     # then weights to 4 bits, least output noise per byte saved first (scored on 6 calibration batches: 2
     # ranked MobileNetV2's layers noticeably worse), GPTQ-rounded
     Knob("int4", tuple(f"insert-qdq(int4-share={share},rounding=gptq,sensitivity-batches=6)"
-                       for share in (0.25, 0.5, 0.65, 0.8, 0.9)), 1.0, refines="int8"),
+                       for share in (0.25, 0.5, 0.65, 0.8, 0.9, 0.95)), 1.0, refines="int8"),
 )
 #: every HOLDOUT_EVERY-th calibration batch is held out for the agreement metric when no --eval is given
 HOLDOUT_EVERY = 4
@@ -48,7 +51,7 @@ HOLDOUT_EVERY = 4
 def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: str | Path,
              evaluator: Evaluator | None = None, budget: float = 0.01, target: str | None = "x86",
              threads: int = 1, knobs: Sequence[Knob] = DEFAULT_KNOBS, metric_name: str = "metric (--eval)",
-             log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict:
+             log: Callable[[str], None] = lambda line: print(line, file=sys.stderr), compact: bool = True) -> dict:
     """Compress `model` within `budget` (absolute metric drop), write OUT/, return the report dict."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,12 @@ def compress(model, calibration: Sequence[dict[str, np.ndarray]], output_dir: st
         stages.append(measure_model(knob.stage, ",".join(pipeline), current, None,
                                     time.perf_counter() - start, threads, metric=metric))
 
+    if compact:   # computes the same outputs (tests/test_cleanup.py): the metric carries over
+        start = time.perf_counter()
+        current = _apply(current, "compact", calibration)
+        pipeline.append("compact")
+        stages.append(measure_model("compact", ",".join(pipeline), current, None, time.perf_counter() - start,
+                                    threads, metric=stages[-1].metric))
     final_path = save(current, output_dir / "model.onnx")
     result = {
         "model": str(model) if not isinstance(model, Model) else "model",

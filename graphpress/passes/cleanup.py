@@ -5,6 +5,9 @@
   Concat/Sum) that provably return their input unchanged.
 - `dedup-initializers`: constants with the same dtype, shape and bytes become one.
 - `cse`: nodes with the same op, domain, attributes and inputs become one (never for random ops).
+- `compact`: what a file carries that computes nothing: internal tensor and node names (a converted TF
+  model's run to 100 characters and are repeated by every edge), intermediate shapes (`value_info`,
+  re-inferred by any runtime) and doc strings. Graph input and output names never change.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx.helper import tensor_dtype_to_np_dtype
 from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -264,3 +268,68 @@ def _attr_key(value):
     if isinstance(value, np.ndarray):
         return ("array", str(value.dtype), value.shape, value.tobytes())
     raise TypeError(f"attribute of type {type(value).__name__} is not compared")
+
+
+@register("compact")
+class Compact(Pass):
+    """Shrink the file without changing what it computes: short internal names, no intermediate shapes.
+
+    Run last (after quantization): passes after it can re-infer shapes but the original names are gone.
+    On a 4-bit MobileNetV2 the names and shapes are ~0.13 MB of 2.2 MB.
+    """
+
+    names: bool = True        # rename internal tensors and nodes to short counters (graph inputs/outputs keep theirs)
+    shapes: bool = True       # drop the shapes/types of intermediate tensors (ONNX value_info)
+    doc_strings: bool = True  # drop node and model doc strings
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        interface = {id(t) for g in model.graphs() for t in list(g.inputs) + list(g.outputs)}
+        graphs = list(model.graphs())
+        tensors = {id(t): t for g in graphs for t in g.tensors().values() if id(t) not in interface}
+        nodes = [n for g in graphs for n in g.nodes]
+        renamed = dropped = 0
+        if self.names:
+            reserved = {t.name for g in graphs for t in list(g.inputs) + list(g.outputs)}
+            fresh = _short_names(reserved)
+            for tensor in tensors.values():
+                if tensor.name:    # "" marks an omitted optional input
+                    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+                        # gs exports a lazily loaded constant by renaming the TensorProto it was read
+                        # from, which may be the caller's: give it its own
+                        own = onnx.TensorProto()
+                        own.CopyFrom(tensor._values.tensor)
+                        tensor._values = LazyValues(own)
+                    tensor.name = next(fresh)
+                    renamed += 1
+            docs = {}
+            for node in nodes:
+                old, node.name = node.name, next(fresh)
+                if old in model.node_docs:
+                    docs[node.name] = model.node_docs[old]
+            model.node_docs = docs
+        if self.shapes:
+            for tensor in tensors.values():
+                if isinstance(tensor, gs.Variable) and (tensor.shape is not None or tensor.dtype is not None):
+                    tensor.shape = tensor.dtype = None
+                    dropped += 1
+        if self.doc_strings:
+            model.node_docs = {}
+            model.proto_fields["doc_string"] = ""
+            model.graph.doc_string = ""
+        return PassResult(changed=renamed > 0 or dropped > 0, stats={"renamed": renamed, "shapes_dropped": dropped})
+
+
+def _short_names(reserved: set[str]):
+    """"0", "1", ... "z", "10", ... (base 36), skipping `reserved`."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    count = 0
+    while True:
+        value, name = count, ""
+        while True:
+            value, digit = divmod(value, 36)
+            name = digits[digit] + name
+            if value == 0:
+                break
+        count += 1
+        if name not in reserved:
+            yield name

@@ -28,7 +28,7 @@ from ..ir import Model, infer_shapes
 from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.equalize import equalize
-from ..quant.insert import Names, existing_parameters, insert_qdq, store_bias, store_weight
+from ..quant.insert import Names, activation_parameters, existing_parameters, insert_qdq, store_bias, store_weight
 from ..quant.lowbit import INT4_OPSET, StoredWeight, choose_int4, round_weights, weight_only_inputs
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import quantize_weight, scale_zero_point
@@ -183,15 +183,17 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
     are stored as given (4-bit, GPTQ), the others rounded to nearest int8."""
     rounded = rounded or {}
     float_inputs = weight_only_inputs(model, plan.activations, plan.nodes, rounded)
+    weight_only = {c.inputs[1].name for name in float_inputs for c in model.tensors()[name].outputs
+                   if c.op == "MatMul"}
     tensors = model.tensors()
     names = Names(model)
-    params = {name: scale_zero_point(*ranges[name], activation_type, symmetric) for name in plan.activations
-              if name not in float_inputs}
+    params = {name: activation_parameters(names, name, *scale_zero_point(*ranges[name], activation_type, symmetric))
+              for name in plan.activations if name not in float_inputs}
     for output, source in plan.shared.items():
         found = params.get(source) or existing_parameters(tensors[source])
         if found is None:
             raise GraphpressError(f"tensor {source!r}: no quantization parameters to share with {output!r}")
-        params[output] = found
+        params[output] = found if source in params else activation_parameters(names, output, *found)
     weight_scales = {}
     for name, axis in plan.weights.items():
         stored = rounded.get(name)
@@ -200,13 +202,15 @@ def apply_plan(model: Model, plan: QuantPlan, ranges: dict[str, tuple[float, flo
             q, scale, _ = given or quantize_weight(model.constant_value(tensors[name]).astype(np.float32), 0)
             store_table(model, names, tensors[name], q, scale)
             continue
-        weight_scales[name] = store_weight(model, names, tensors[name], axis, reduce_range, given)
+        weight_scales[name] = store_weight(model, names, tensors[name], axis, reduce_range, given,
+                                           widen=name not in weight_only)
     for name, bias in plan.biases.items():
-        source = params.get(bias.activation) or existing_parameters(tensors[bias.activation])
-        if source is not None:
-            store_bias(model, names, tensors[name], source[0], weight_scales[bias.weight])
-    for name, (scale, zero_point) in params.items():
-        insert_qdq(model, names, tensors[name], scale, zero_point)
+        existing = None if bias.activation in params else existing_parameters(tensors[bias.activation])
+        if bias.activation in params or existing is not None:
+            input_scale = params[bias.activation][0] if existing is None else existing[0]
+            store_bias(model, names, tensors[name], input_scale, weight_scales[bias.weight])
+    for name, constants in params.items():
+        insert_qdq(model, names, tensors[name], constants)
     model.cleanup()
 
 

@@ -71,3 +71,30 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     inverse = np.linalg.inv(lower)
     inverse = inverse.T @ inverse   # H⁻¹
     return np.linalg.cholesky(inverse).T
+
+
+#: shares of a column's largest magnitude tried as its range by `gptq_with_scale_search`
+SEARCH_SHARES = np.linspace(0.5, 1.0, 11)
+
+
+def gptq_with_scale_search(weight: np.ndarray, gram: np.ndarray, levels: int, qmin: int, qmax: int,
+                           shares: np.ndarray = SEARCH_SHARES, damping: float = DAMPING
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ with each column's step chosen in the output metric: (q [k, n], step [n]).
+
+    For every share c in `shares` the step c·max|w| / `levels` is tried: GPTQ rounds all the candidate
+    columns in one run (its error feedback never mixes columns, so each candidate is rounded as it would be
+    alone), and each column keeps the step with the least output error (Δwᵀ·H·Δw). Clipping that lowers
+    the weight error can still raise the output error, which is what the layer's next consumer sees.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    n = w.shape[1]
+    peak = np.abs(w).max(axis=0)
+    peak = np.where(peak > 0, peak, 1.0)
+    steps = np.concatenate([share * peak / levels for share in shares])
+    tiled = np.tile(w, (1, len(shares)))
+    q = gptq_quantize(tiled, gram, steps, qmin, qmax, damping)
+    delta = q * steps - tiled
+    errors = np.einsum("kn,kn->n", delta, np.asarray(gram, np.float64) @ delta).reshape(len(shares), n)
+    chosen = np.argmin(errors, axis=0) * n + np.arange(n)
+    return q[:, chosen], steps[chosen]

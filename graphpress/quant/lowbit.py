@@ -1,8 +1,9 @@
 """Weight rounding beyond round-to-nearest, and which weights are stored in 4 bits.
 
 `insert-qdq(rounding=gptq)` rounds the weights of Conv (group 1), Gemm and MatMul against their input
-statistics (see `gptq`); `insert-qdq(int4-share=0.6)` stores the weights covering 60% of the weight
-parameters in 4 bits (ONNX INT4, opset 21, two values per byte) and the rest in 8.
+statistics (see `gptq`; 4-bit ones with each output channel's step chosen by the output error after
+GPTQ); `insert-qdq(int4-share=0.6)` stores the weights covering 60% of the weight parameters in 4 bits
+(ONNX INT4 in [-8, 7], opset 21, two values per byte) and the rest in 8.
 
 Which weights go to 4 bits is measured, not guessed: each candidate is rounded to 4 bits alone in the
 float model and the output SQNR on calibration batches is taken. Its noise power (10^(-SQNR/10))
@@ -23,8 +24,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..ir import Model, activation_batches
-from .gptq import gptq_quantize
-from .scales import INT4_HALF_LEVELS, REDUCED_HALF_LEVELS, SYMMETRIC_HALF_LEVELS, dequantize, quantize_weight
+from .gptq import gptq_quantize, gptq_with_scale_search
+from .scales import (INT4_HALF_LEVELS, INT4_LOWEST, REDUCED_HALF_LEVELS, SYMMETRIC_HALF_LEVELS, dequantize,
+                     quantize_weight)
 from .sensitivity import OutputProbe
 from .tables import is_lookup_table
 
@@ -66,11 +68,15 @@ def round_weights(model: Model, weights: dict[str, int | None], bits: dict[str, 
             log.info("insert-qdq: %s rounded to nearest: %d calibration rows for %d inputs are too few for GPTQ",
                      name, gram.rows, site.matrix.shape[0])
             continue
-        half = _half_levels(bits.get(name, 8), reduce_range)
-        stored = rounded[name]
-        matrix_q = gptq_quantize(site.matrix, gram.value, stored.scale, -half, half)
-        rounded[name] = StoredWeight(_to_source(site, matrix_q).astype(stored.q.dtype), stored.scale,
-                                     stored.zero_point)
+        stored, scale = rounded[name], rounded[name].scale
+        if bits.get(name, 8) == 4:   # 16 levels: the step is worth choosing in the output metric
+            matrix_q, step = gptq_with_scale_search(site.matrix, gram.value, INT4_HALF_LEVELS, INT4_LOWEST,
+                                                    INT4_HALF_LEVELS)
+            scale = step.astype(np.float32).reshape(stored.scale.shape)
+        else:
+            half = REDUCED_HALF_LEVELS if reduce_range else SYMMETRIC_HALF_LEVELS
+            matrix_q = gptq_quantize(site.matrix, gram.value, stored.scale, -half, half)
+        rounded[name] = StoredWeight(_to_source(site, matrix_q).astype(stored.q.dtype), scale, stored.zero_point)
         done += 1
     log.info("insert-qdq: GPTQ rounded %d of %d weights", done, len(weights))
     return rounded
@@ -141,12 +147,6 @@ def _int4_candidate(tensor: gs.Tensor) -> bool:
         return tensor.shape[1] % 2 == 0
     return bool(consumers) and all(c.op in INT4_OPS and c.op != "Gather" and c.inputs.index(tensor) == 1
                                    for c in consumers)
-
-
-def _half_levels(bits: int, reduce_range: bool) -> int:
-    if bits == 4:
-        return INT4_HALF_LEVELS
-    return REDUCED_HALF_LEVELS if reduce_range else SYMMETRIC_HALF_LEVELS
 
 
 def _nearest(model: Model, tensor: gs.Tensor, axis: int | None, bits: int, reduce_range: bool) -> StoredWeight:

@@ -21,8 +21,11 @@ NP_DTYPE = {"int4": ml_dtypes.int4, "int8": np.int8, "uint8": np.uint8, "int32":
 #: levels either side of the symmetric zero point (full 8-bit range, and 7-bit "reduced range")
 SYMMETRIC_HALF_LEVELS = 127
 REDUCED_HALF_LEVELS = 63
-#: levels either side of zero of symmetric 4-bit weights ([-7, 7], like int8's [-127, 127])
+#: steps from zero to the largest positive level of symmetric 4-bit weights (levels [-8, 7], zero point 0)
 INT4_HALF_LEVELS = 7
+#: the lowest 4-bit level: int4's -8 is used too (16 levels rather than 15). The reason int8 weights stop at
+#: -127 (onnxruntime's u8 x s8 kernels without VNNI add pairs of products in int16) does not bind at 4 bits
+INT4_LOWEST = -8
 
 
 def scale_zero_point(rmin, rmax, qtype: str = "int8", symmetric: bool = False,
@@ -99,38 +102,38 @@ def quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool = False,
 
     8 bits: int8 in [-127, 127]; `reduce_range` uses 7 bits ([-63, 63]): onnxruntime's x86 kernels
     without VNNI add pairs of uint8 x int8 products in int16, which saturates with full-range weights.
-    4 bits: int4 in [-7, 7] with each channel's range clipped where that lowers its squared error
-    (`clipped_ranges`): with 15 levels, one outlier would otherwise leave most weights on 3 levels.
+    4 bits: int4 in [-8, 7] (step = range / 7) with each channel's range clipped where that lowers its
+    squared error (`clipped_ranges`): with 16 levels, one outlier would otherwise leave most weights on 3.
     """
     if bits == 4:
         qtype, half_levels = "int4", INT4_HALF_LEVELS
-        low, high = clipped_ranges(w, axis, half_levels)
+        low, high = clipped_ranges(w, axis, half_levels, INT4_LOWEST)
     elif bits == 8:
         qtype, half_levels = "int8", REDUCED_HALF_LEVELS if reduce_range else SYMMETRIC_HALF_LEVELS
         low, high = channel_ranges(w, axis)
     else:
         raise ValueError(f"weights are stored in 4 or 8 bits, not {bits}")
     scale, zero_point = scale_zero_point(low, high, qtype, True, half_levels)
-    q = quantize(w, scale, zero_point, axis)
-    if bits == 4:   # clipped values saturate symmetrically, at ±7 rather than at int4's -8
-        q = np.clip(q.astype(np.int8), -half_levels, half_levels).astype(NP_DTYPE[qtype])
-    return q, scale, zero_point
+    return quantize(w, scale, zero_point, axis), scale, zero_point
 
 
 #: shares of a channel's largest magnitude tried as its clipping range by `clipped_ranges`
 CLIP_SHARES = np.linspace(0.5, 1.0, 26)
 
 
-def clipped_ranges(w: np.ndarray, axis: int | None, half_levels: int) -> tuple[np.ndarray, np.ndarray]:
+def clipped_ranges(w: np.ndarray, axis: int | None, half_levels: int, lowest: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel symmetric ranges ±c·max|w| with the share c (from CLIP_SHARES) that minimises the
-    channel's squared rounding error on a grid of `half_levels` steps either side of zero."""
+    channel's squared rounding error on a grid of steps c·max|w| / `half_levels` from level `lowest`
+    (default -half_levels) to half_levels."""
+    lowest = -half_levels if lowest is None else lowest
     moved = np.moveaxis(np.asarray(w, np.float64), axis, 0) if axis is not None else np.asarray(w, np.float64)[None]
     rows = moved.reshape(moved.shape[0], -1)
     peak = np.abs(rows).max(axis=1)
     best, best_error = peak.copy(), np.full(peak.shape, np.inf)
     for share in CLIP_SHARES:
         step = np.where(peak > 0, share * peak / half_levels, 1.0)[:, None]
-        error = ((np.clip(np.rint(rows / step), -half_levels, half_levels) * step - rows) ** 2).sum(axis=1)
+        error = ((np.clip(np.rint(rows / step), lowest, half_levels) * step - rows) ** 2).sum(axis=1)
         better = error < best_error
         best, best_error = np.where(better, share * peak, best), np.where(better, error, best_error)
     if axis is None:
