@@ -47,6 +47,10 @@ from .artifact import replace_dir
 INFO = "graphpress-tuning.json"
 _RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
 BUILDER_TIMEOUT_SEC = 300
+#: MetaSchedule's evolutionary search samples this many schedules per round to pick the candidates
+#: from (TVM's default is 512). Graphpress budgets give each task a handful of candidates per round,
+#: and sampling dominated a round: ~60 s per task with 512 on a loaded 2-core machine.
+POPULATION = 128
 
 
 def tune(model, target: str | None = "x86", trials: int = 64, output: str | os.PathLike = "tuning.db", *,
@@ -177,6 +181,7 @@ def _run_tuning(ms, mod, target, work_dir: Path, trials: int, tasks: int, builde
             ms.relax_integration.tune_relax(
                 mod=mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
                 num_trials_per_iter=max(1, min(64, trials // max(tasks, 1))), builder=builder,
+                strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
                 runner=runner, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Progress()],
             )
     except GraphpressError:
@@ -209,11 +214,10 @@ def _unnamed_log_handlers_detached():
             logger.addHandler(handler)
 
 
-def _workload_key(mod) -> str:
-    """The key of a tuning task's workload (a one-function IRModule) in `graphpress-tuning.json`."""
-    from tvm_ffi import structural_hash
-
-    return f"{structural_hash(mod) & (2 ** 64 - 1):016x}"
+def _workload_key(database, mod) -> str:
+    """The structural hash MetaSchedule's `database` keeps for the workload `mod` (a one-function
+    IRModule), as written in `database_workload.json`: the key of its task in `graphpress-tuning.json`."""
+    return str(database.commit_workload(mod).as_json()[0])
 
 
 def _compare_with_defaults(ms, tasks, target, work_dir: Path, builder, runner) -> list[dict]:
@@ -228,11 +232,15 @@ def _compare_with_defaults(ms, tasks, target, work_dir: Path, builder, runner) -
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     database = ms.database.JSONDatabase(*(str(work_dir / name) for name in _RECORD_FILES), allow_missing=False)
+    rows = [{"task": t.task_name, "workload": _workload_key(database, t.dispatched[0]), "weight": int(t.weight),
+             "default_ms": None, "tuned_ms": None} for t in tasks]
     candidates, owners = [], []
     for i, task in enumerate(tasks):
         workload = task.dispatched[0]
         tuned = database.query_ir_module(workload, target, "main")
-        for which, scheduled in (("default", _default_schedule(workload, target)), ("tuned", tuned)):
+        # DLight's ApplyDefaultSchedule updates the module it is given in place: schedule a copy
+        default = _default_schedule(tvm.IRModule(dict(workload.functions.items())), target)
+        for which, scheduled in (("default", default), ("tuned", tuned)):
             if scheduled is not None:
                 candidates.append(scheduled)
                 owners.append((i, which))
@@ -249,8 +257,6 @@ def _compare_with_defaults(ms, tasks, target, work_dir: Path, builder, runner) -
     for b in builds:
         if b.artifact_path is not None:
             shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
-    rows = [{"task": t.task_name, "workload": _workload_key(t.dispatched[0]), "weight": int(t.weight),
-             "default_ms": None, "tuned_ms": None} for t in tasks]
     for (i, which), elapsed in zip(owners, runs):
         rows[i][f"{which}_ms"] = elapsed
     return rows
@@ -312,15 +318,14 @@ def apply_database(mod, spec: targets_mod.TargetSpec, db: str | os.PathLike) -> 
     faster = {row["workload"] for row in info.get("tasks", []) if tuned_is_faster(row)}
     database = ms.database.JSONDatabase(*(str(db / name) for name in _RECORD_FILES), allow_missing=False)
     chosen = ms.database.MemoryDatabase()
-    seen = set()
-    for record in database.get_all_tuning_records():
-        key = _workload_key(record.workload.mod)
-        if key in faster and key not in seen:
-            seen.add(key)
-            best = database.get_top_k(record.workload, 1)[0]
-            workload = chosen.commit_workload(record.workload.mod)
-            chosen.commit_tuning_record(ms.database.TuningRecord(best.trace, workload, best.run_secs, best.target,
-                                                                  best.args_info))
+    for line in (db / _RECORD_FILES[0]).read_text().splitlines():
+        entry = json.loads(line) if line.strip() else None
+        if entry is None or str(entry[0]) not in faster:
+            continue
+        workload = database.commit_workload(ms.database.Workload.from_json(entry).mod)
+        for best in database.get_top_k(workload, 1):
+            chosen.commit_tuning_record(ms.database.TuningRecord(
+                best.trace, chosen.commit_workload(workload.mod), best.run_secs, best.target, best.args_info))
     with spec.tvm_target(), chosen:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     prims = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
