@@ -1,14 +1,20 @@
 """svd-split on the real models: metric vs parameters kept, plain vs data-aware SVD, onnxruntime latency.
 
-For MiniLM (STS-B Spearman), MobileNetV2 (ImageNet-sample top-1) and the MNIST LeNet (accuracy), every
-parameter budget is run three ways in the same process:
+For MiniLM (STS-B Spearman), MobileNetV2 (ImageNet-sample top-1) and the MNIST LeNet (accuracy), parameter
+budgets are run in the same process by these methods:
 - `plain`: truncated SVD of the weights (what a user gets from a plain low-rank tool; the peer),
 - `whitened`: SVD of the weights whitened by their input covariance on calibration data (SVD-LLM style),
-- `whitened+measured`: the same, with the budget spread by measured per-layer sensitivity.
-Calibration follows benchmarks/realdata.py (every 10th ImageNet image, every 100th MNIST digit; MiniLM:
-the first sentence of every 13th STS-B test pair, there being no dev split, cut to its attention
-mask); the metric is on all evaluation samples. Latency: onnxruntime, all graph
-optimizations, one thread, batch 1, median of interleaved runs of the original and the split model.
+  the budget spread by the whitened spectra,
+- `whitened+measured`: the budget spread by measured per-layer curves of the model's output error,
+- `whitened+sequential`: layers factored in dependency order on the inputs of the already-factored model
+  and refit (closed form) to the original layer outputs, the layers left whole refit too,
+- `whitened+measured+sequential`: both.
+Calibration never overlaps the evaluation: MiniLM calibrates on the distinct sentences of every 5th STS-B
+test pair from index 2 that no other pair contains (`realdata.stsb_holdout`/`stsb_sentences`) and the
+Spearman is over the other 1103 pairs; the image models calibrate on `realdata.calibration_indices` (every
+10th ImageNet image, every 100th MNIST digit) and are scored on all other samples. Latency: onnxruntime,
+all graph optimizations, one thread, batch 1, interleaved rounds of the original and the split model,
+median wall time and median thread CPU time (other jobs share the machine: the load average is recorded).
 The light VGG-19 of the onnx wheel is checked against the literature's "4096×4096 VGG-16 FC loses 83%
 of its parameters at 95% energy": its weights are constant-filled, so its spectrum is degenerate.
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -38,21 +45,25 @@ METHODS = {
     "plain": "method=plain",
     "whitened": "method=whitened",
     "whitened+measured": "method=whitened,sensitivity=measured",
+    "whitened+sequential": "method=whitened,sequential=true,refit-unsplit=true",
+    "whitened+measured+sequential": "method=whitened,sensitivity=measured,sequential=true,refit-unsplit=true",
 }
-#: per model: the budgets (share of the factorable weights' parameters kept), the one budget also run with
-#: measured sensitivity (it probes every layer: slow), calibration (samples, batch)
+#: per model: the budgets (share of the factorable weights' parameters kept) each method runs at (the measured
+#: and sequential ones are slow), calibration (samples, batch), the op types factored
 CASES = {
-    "minilm": {"targets": [0.75, 0.8, 0.7], "measured_at": 0.75, "calibration": (100, 1), "ops": "[MatMul]"},
-    "mobilenet_v2": {"targets": [0.9, 0.8, 0.7], "measured_at": 0.8, "calibration": (100, 10),
-                     "ops": "[Conv,Gemm,MatMul]"},
-    "lenet": {"targets": [0.4, 0.2, 0.1, 0.05], "measured_at": 0.1, "calibration": (100, 25),
-              "ops": "[Conv,Gemm,MatMul]"},
+    "minilm": {"targets": {"plain": [0.75], "whitened": [0.75], "whitened+measured": [0.75],
+                           "whitened+sequential": [0.75, 0.6], "whitened+measured+sequential": [0.75]},
+               "calibration": (None, None), "ops": "[MatMul]", "energy": False},
+    "mobilenet_v2": {"targets": {"plain": [0.9, 0.8], "whitened": [0.9, 0.8], "whitened+sequential": [0.9, 0.8]},
+                     "calibration": (100, 10), "ops": "[Conv,Gemm,MatMul]", "energy": False},
+    "lenet": {"targets": {method: [0.4, 0.2, 0.1, 0.05] for method in METHODS},
+              "calibration": (100, 25), "ops": "[Conv,Gemm,MatMul]", "energy": True},
 }
 GOAL = {"minilm": {"params_kept": 0.75, "metric_within": 0.005}}
 
 
-def latency_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], rounds: int = 30) -> list[float]:
-    """Median single-thread latency of each model on `feed`, measured in interleaved rounds."""
+def latency_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], rounds: int = 30) -> list[dict[str, float]]:
+    """Median single-thread wall and thread-CPU latency of each model on `feed`, in interleaved rounds."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -61,44 +72,46 @@ def latency_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], round
     for sess in sessions:
         for _ in range(3):
             sess.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
+    wall: list[list[float]] = [[] for _ in sessions]
+    cpu: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
-        for sess, record in zip(sessions, times):
-            start = time.perf_counter()
+        for sess, w, c in zip(sessions, wall, cpu):
+            start, start_cpu = time.perf_counter(), time.thread_time()
             sess.run(None, feed)
-            record.append((time.perf_counter() - start) * 1e3)
-    return [float(np.median(t)) for t in times]
+            w.append((time.perf_counter() - start) * 1e3)
+            c.append((time.thread_time() - start_cpu) * 1e3)
+    return [{"wall_ms": float(np.median(w)), "cpu_ms": float(np.median(c))} for w, c in zip(wall, cpu)]
 
 
-def unpadded(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """MiniLM calibration sentences (batch 1) cut to their attention mask: padded positions never reach the
-    masked-mean embedding, so their activations would only blur the input statistics."""
-    cut = []
-    for batch in batches:
-        length = int(batch["attention_mask"].sum())
-        cut.append({name: value[:, :length] for name, value in batch.items()})
-    return cut
+def data_split(key: str, quick: bool) -> tuple[list[dict[str, np.ndarray]], np.ndarray, str]:
+    """Calibration batches, the evaluation samples they come from (skipped by the metric), and a description."""
+    if key == "minilm":
+        pairs = realdata.stsb_holdout()
+        batches = realdata.stsb_sentences(pairs[: len(pairs) // 2] if quick else pairs)
+        return batches, pairs, (f"{sum(len(b['input_ids']) for b in batches)} distinct sentences of {len(pairs)} "
+                                f"STS-B pairs (every 5th from 2), Spearman on the other pairs")
+    count, batch = CASES[key]["calibration"]
+    count = count // 2 if quick else count
+    return (realdata.calibration_batches(key, count, batch), realdata.calibration_indices(key, count),
+            f"{count} samples (realdata.calibration_indices), metric on all other samples")
 
 
 def run_case(key: str, quick: bool, save) -> dict:
     """Every budget and method for one model; `save(result)` is called after each run (partial results)."""
     case = CASES[key]
     base = ir.load(realdata.model_path(key))
-    count, batch = case["calibration"]
-    calibration = realdata.calibration_batches(key, count // 2 if quick else count, batch)
-    if key == "minilm":
-        calibration = unpadded(calibration)
+    calibration, skip, described = data_split(key, quick)
     limit = 300 if quick else None
     feed = realdata.calibration_batches(key, 1, 1)[0]
     result = {"model": realdata.MODELS[key].file, "metric_name": realdata.MODELS[key].metric,
-              "float_metric": realdata.evaluate(key, base, limit=limit), "params": base.parameter_count(),
-              "calibration_samples": len(calibration) * batch, "eval_limit": limit, "runs": []}
+              "float_metric": realdata.evaluate(key, base, limit=limit, skip=skip), "params": base.parameter_count(),
+              "calibration": described, "eval_limit": limit, "runs": []}
     print(f"{key}: float {result['metric_name']} {result['float_metric']:.4f}", flush=True)
-    targets = [case["measured_at"]] if quick else case["targets"]
-    runs = [(method, f"svd-split(target-params={t},budget-of=layers,ops={case['ops']},{options})")
-            for t in targets for method, options in METHODS.items()
-            if method != "whitened+measured" or t == case["measured_at"]]
-    runs += [(method, f"svd-split(energy=0.95,ops={case['ops']},{METHODS[method]})") for method in ("plain", "whitened")]
+    runs = [(method, f"svd-split(target-params={t},budget-of=layers,ops={case['ops']},{METHODS[method]})")
+            for method, targets in case["targets"].items() for t in (targets[:1] if quick else targets)]
+    if case["energy"]:
+        runs += [(method, f"svd-split(energy=0.95,ops={case['ops']},{METHODS[method]})")
+                 for method in ("plain", "whitened")]
     for method, pipeline in runs:
         model = base.copy()
         ctx = PassContext(calibration=calibration)
@@ -106,20 +119,24 @@ def run_case(key: str, quick: bool, save) -> dict:
         PassManager(pipeline).run(model, ctx)
         seconds = time.perf_counter() - start
         report = ctx.reports["svd-split"]
-        metric = realdata.evaluate(key, model, limit=limit)
-        base_ms, split_ms = latency_ms([base.to_onnx(), model.to_onnx()], feed)
+        metric = realdata.evaluate(key, model, limit=limit, skip=skip)
+        before, after = latency_ms([base.to_onnx(), model.to_onnx()], feed)
         row = {"method": method, "pipeline": pipeline, "metric": metric,
                "metric_drop": result["float_metric"] - metric,
                "weights_kept": report["params_after"] / report["params_before"],
                "model_params_kept": model.parameter_count() / result["params"],
                "layers_split": sum(layer["rank"] is not None for layer in report["layers"]),
-               "layers": len(report["layers"]), "pass_seconds": seconds,
-               "latency_ms": split_ms, "float_latency_ms": base_ms, "latency_ratio": split_ms / base_ms}
+               "layers": len(report["layers"]), "ranks": [layer["rank"] for layer in report["layers"]],
+               "pass_seconds": seconds, "latency_ms": after["wall_ms"], "float_latency_ms": before["wall_ms"],
+               "latency_ratio": after["wall_ms"] / before["wall_ms"], "cpu_ms": after["cpu_ms"],
+               "float_cpu_ms": before["cpu_ms"], "cpu_ratio": after["cpu_ms"] / before["cpu_ms"],
+               "load_average": os.getloadavg()[0]}
         result["runs"].append(row)
         save(result)
-        print(f"  {method:18s} {pipeline}: {metric:.4f} (drop {row['metric_drop']:+.4f}), weights kept "
-              f"{row['weights_kept']:.3f}, {row['layers_split']}/{row['layers']} split, "
-              f"latency {split_ms:.2f} vs {base_ms:.2f} ms, pass {seconds:.0f} s", flush=True)
+        print(f"  {method:28s} {pipeline}: {metric:.4f} (drop {row['metric_drop']:+.4f}), weights kept "
+              f"{row['weights_kept']:.3f}, {row['layers_split']}/{row['layers']} split, thread CPU "
+              f"{after['cpu_ms']:.2f} vs {before['cpu_ms']:.2f} ms, pass {seconds:.0f} s, load {row['load_average']:.1f}",
+              flush=True)
     return result
 
 
