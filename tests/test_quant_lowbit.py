@@ -149,6 +149,26 @@ def test_int4_share_stores_the_least_sensitive_weights_in_four_bits():
     assert sqnr_db([[reference]], [[run(half, batches[0])["y"]]]) > 15
 
 
+def test_a_search_over_shares_analyses_the_weights_once(monkeypatch):
+    """The per-weight analysis (roundings, 4-bit costs) is share-independent and kept per model and data:
+    three shares cost one analysis, the cached result equals a fresh one, and other data is analysed anew."""
+    from graphpress.quant import lowbit
+    calls = []
+    original = lowbit.int4_costs
+    monkeypatch.setattr(lowbit, "int4_costs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(lowbit, "_ANALYSES", {})
+    model, batches = mlp(), correlated_batches()
+    pipelines = [f"insert-qdq(int4-share={share},rounding=gptq)" for share in (0.25, 0.5, 0.9)]
+    shares = [len(_int4_weights(_quantized(p, model, batches))) for p in pipelines]
+    assert len(calls) == 1 and shares[0] <= shares[1] <= shares[2] and shares[2] > shares[0]
+    cached = _quantized(pipelines[1], model, batches).to_onnx()
+    monkeypatch.setattr(lowbit, "_ANALYSES", {})
+    fresh = _quantized(pipelines[1], model, batches).to_onnx()
+    assert len(calls) == 2 and cached.SerializeToString() == fresh.SerializeToString()
+    _quantized(pipelines[1], model, correlated_batches(seed=2))
+    assert len(calls) == 3
+
+
 def test_int4_share_zero_and_full():
     model, batches = mlp(), correlated_batches()
     assert not _int4_weights(_quantized("insert-qdq", model, batches))

@@ -29,7 +29,7 @@ from ..quant.bias_correction import correct_biases
 from ..quant.calibrate import collect_ranges, require_calibration
 from ..quant.equalize import equalize
 from ..quant.insert import Names, activation_parameters, existing_parameters, insert_qdq, store_bias, store_weight
-from ..quant.lowbit import INT4_OPSET, StoredWeight, choose_int4, round_weights, weight_only_inputs
+from ..quant.lowbit import INT4_OPSET, StoredWeight, rounded_weights, weight_only_inputs
 from ..quant.plan import QuantPlan, Selection, make_plan
 from ..quant.scales import quantize_weight, scale_zero_point
 from ..quant.tables import is_lookup_table, store_table
@@ -142,10 +142,8 @@ class InsertQdq(Pass):
         if self.int4_share <= 0 and self.rounding == "nearest":
             return {}
         batches = require_calibration(ctx.calibration, "insert-qdq (int4-share / rounding=gptq)")
-        bits = choose_int4(model, plan.weights, self.int4_share, batches, self.sensitivity_batches, ctx.log) \
-            if self.int4_share > 0 else {}
-        return round_weights(model, plan.weights, bits, self.reduce_range,
-                             batches if self.rounding == "gptq" else None, self.gptq_batches, ctx.log)
+        return rounded_weights(model, plan.weights, self.int4_share, self.reduce_range, batches,
+                               self.rounding == "gptq", self.gptq_batches, self.sensitivity_batches, ctx.log)
 
     def make_plan(self, model: Model, dtypes, ctx: PassContext, keep_float: Iterable[str] = ()) -> QuantPlan:
         return make_plan(model, dtypes, self.selection(keep_float), self.per_channel, ctx.log)
