@@ -363,19 +363,21 @@ def test_refit_unsplit_corrects_a_whole_layer_behind_a_split_one():
 
 
 def test_refit_unsplit_writes_each_layout_back_in_place():
-    """Nothing split, nothing upstream changed: every refit weight (conv, Gemm transB, weight-first MatMul)
-    must come back as itself, in its own layout."""
-    model = make_model([helper.make_node("Conv", ["x", "cw"], ["c"], pads=[1, 1, 1, 1]),
+    """An exact (rank-1) split first leaves every later layer's inputs as they were: each refit weight (conv,
+    Gemm transB, weight-first MatMul) must come back as itself, in its own layout."""
+    model = make_model([helper.make_node("Conv", ["x", "pw"], ["p"]),
+                        helper.make_node("Conv", ["p", "cw"], ["c"], pads=[1, 1, 1, 1]),
                         helper.make_node("Flatten", ["c"], ["f"]),
                         helper.make_node("Gemm", ["f", "gw", "gb"], ["g"], transB=1),
                         helper.make_node("MatMul", ["mw", "g"], ["y"])],
                        [("x", [8, 6, 4, 4])], ["y"],
-                       {"cw": RNG.standard_normal((12, 6, 3, 3)).astype(np.float32),
+                       {"pw": low_rank(6, 6, 1).reshape(6, 6, 1, 1),
+                        "cw": RNG.standard_normal((12, 6, 3, 3)).astype(np.float32),
                         "gw": RNG.standard_normal((10, 12 * 16)).astype(np.float32),
                         "gb": np.ones(10, np.float32), "mw": RNG.standard_normal((5, 8)).astype(np.float32)})
     calibration = [ir.random_inputs(model, seed=s) for s in range(4)]
     result, _, stats = split(model, "svd-split(energy=1.0,sequential=true,refit-unsplit=true)", calibration)
-    assert stats["split"] == 0 and stats["refit_whole"] == 3
+    assert stats["split"] == 1 and stats["refit_whole"] == 3
     assert_same_outputs(model, result)
 
 

@@ -148,27 +148,37 @@ class SvdSplit(Pass):
         """Split stage by stage (`groups.stages`), each group re-factored on the inputs the model split so far
         gives it, aiming at the original model's outputs (`factorize.refit_weight`); updates `decompositions`.
         Returns how many weights left whole were refit."""
-        reference = reference_session(model, groups)
-        refit_whole = 0
+        reference, refit_whole = None, 0
         for stage in stages(model, groups):
-            refit = [i for i in stage if not any(site.rows_reason() for site in groups[i].sites)
-                     and (ranks[i] is not None or self.refit_unsplit and groups[i].settable)]
-            statistics = paired_grams(reference, model, [groups[i] for i in refit], ctx.calibration,
-                                      self.max_batches) if refit else []
-            for i, (gram, cross) in zip(refit, statistics):
+            splits = [i for i in stage if ranks[i] is not None]
+            if reference is None:
+                # nothing split yet: these layers see their original inputs, so each refit is the weight itself
+                if splits:
+                    reference = reference_session(model, groups)
+            else:
+                refit_whole += self._refit_stage(model, groups, decompositions, ranks, stage, reference, ctx)
+            for i in splits:
                 with ctx.at(groups[i].sites[0].node):
-                    whitening = whitening_factor(gram, self.damping)
-                    target = refit_weight(groups[i].matrix, whitening, gram, cross)
-                    if ranks[i] is None:
-                        groups[i].set_matrix(target)
-                        refit_whole += 1
-                    else:
-                        decompositions[i] = decompose(target, whitening)
-            for i in stage:
-                if ranks[i] is not None:
-                    with ctx.at(groups[i].sites[0].node):
-                        groups[i].split(model, decompositions[i], ranks[i])
+                    groups[i].split(model, decompositions[i], ranks[i])
         return refit_whole
+
+    def _refit_stage(self, model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
+                     ranks: list[int | None], stage: list[int], reference, ctx: PassContext) -> int:
+        """Refit the stage's groups on the current model's inputs: new decompositions for the groups to split,
+        new weights for the others (refit-unsplit). Returns how many whole weights were refit."""
+        refit = [i for i in stage if not any(site.rows_reason() for site in groups[i].sites)
+                 and (ranks[i] is not None or self.refit_unsplit and groups[i].settable)]
+        statistics = paired_grams(reference, model, [groups[i] for i in refit], ctx.calibration,
+                                  self.max_batches) if refit else []
+        for i, (gram, cross) in zip(refit, statistics):
+            with ctx.at(groups[i].sites[0].node):
+                whitening = whitening_factor(gram, self.damping)
+                target = refit_weight(groups[i].matrix, whitening, gram, cross)
+                if ranks[i] is None:
+                    groups[i].set_matrix(target)
+                else:
+                    decompositions[i] = decompose(target, whitening)
+        return sum(ranks[i] is None for i in refit)
 
     def _ranks(self, model: Model, groups: list[WeightGroup], decompositions: list[Decomposition],
                ctx: PassContext) -> list[int | None]:
