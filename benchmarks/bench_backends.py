@@ -116,7 +116,8 @@ def bench_model(key: str, workdir: Path, trials: int) -> dict:
 
     path = model_path(key)
     shapes = SHAPES.get(key)
-    row = {"model": key, "file": path.name, "onnx_bytes": path.stat().st_size, "inputs": shapes or "batch 1"}
+    row = {"model": key, "file": path.name, "onnx_bytes": path.stat().st_size, "inputs": shapes or "batch 1",
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_1_5_15_min_at_start": os.getloadavg()}
     if key in NEEDS_STATIC_SIMPLIFY:
         path = static_simplified(path, shapes, workdir / f"{key}-static.onnx")
         row["prepared"] = f"onnxsim.simplify with the static input shapes, because {NEEDS_STATIC_SIMPLIFY[key]}"
@@ -177,9 +178,11 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(x, [r["model"] + (f"\n{r['tuned']['trials']} trials" if "tuned" in r else "") for r in rows])
         ax.set_title(f"batch 1, {threads} thread(s), {'CPU' if threads == '1' else 'wall'} time", fontsize=9)
     axes[0][0].set_ylabel("latency / onnxruntime (lower is better)")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    loads = [load[0] for r in rows for v in ("untuned", "tuned") if v in r
+             for lat in r[v]["latency"].values() for load in lat["load_average_1_5_15_min"]]
     fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['llvm_cpu']}), "
-                 f"load average {report['machine']['load_average_1_5_15_min_at_start'][0]:.1f} at start", fontsize=9)
+                 f"1-min load average {min(loads):.1f}-{max(loads):.1f} during the measurements", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--jobs", type=int, default=1,
                         help="models benchmarked in parallel processes (each one loads the machine for the others)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep OUTPUT's results for the other models, and its tuned results for these models "
+                             "when tuning is not rerun, each marked as carried over")
     args = parser.parse_args(argv)
     missing = [key for key in args.models if not model_path(key).is_file()]
     if missing:
@@ -213,15 +219,22 @@ def main(argv: list[str] | None = None) -> int:
                       "trials, then compile --tuning-db) vs onnxruntime on the same ONNX, batch 1; latency: median "
                       "thread CPU time at 1 thread, median wall time at 2, runtimes interleaved, each thread count in "
                       "a fresh process; max_rel_diff on one random input",
-              "machine": machine(), "models": []}
-    report["jobs"] = args.jobs
+              "machine": machine(), "jobs": args.jobs, "models": []}
+    earlier = json.loads(args.output.read_text()) if args.update and args.output.is_file() else {"models": []}
+    carried = {row["model"]: row for row in earlier["models"]}
+    report["models"] = [{**row, "carried_over_from_run_on": earlier["machine"]}
+                        for row in earlier["models"] if row["model"] not in args.models]
+    order = list(dict.fromkeys([*DEFAULT_MODELS, *MODELS]))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp, \
             ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(bench_model, key, Path(tmp), budgets.get(key, 0)) for key in args.models]
         for future in as_completed(futures):
-            report["models"].append(future.result())
-            report["models"].sort(key=lambda row: args.models.index(row["model"]))
+            row = future.result()
+            if "tuned" not in row and "tuned" in carried.get(row["model"], {}):
+                row["tuned"] = {**carried[row["model"]]["tuned"], "carried_over_from_run_on": earlier["machine"]}
+            report["models"].append(row)
+            report["models"].sort(key=lambda row: order.index(row["model"]))
             report["machine"]["load_average_1_5_15_min_at_end"] = os.getloadavg()
             partial = args.output.with_suffix(".json.part")  # written after every model
             partial.write_text(json.dumps(report, indent=2) + "\n")
