@@ -88,7 +88,7 @@ def bench_model(key: str, workdir: Path) -> dict:
     float_path = realdata.model_path(key)
     search_limit = int(EVAL_SIZES[key] * SEARCH_SHARE)
     calibration = realdata.calibration_batches(key, 100, 10)
-    entry = {"metric_name": realdata.MODELS[key].metric,
+    entry = {"metric_name": realdata.MODELS[key].metric, "machine": realdata.machine(),
              "float": {"size_bytes": float_path.stat().st_size,
                        "metric": realdata.evaluate(key, float_path),
                        "latency_ms": latency_ms(key, str(float_path), 1, 30)}}
@@ -127,7 +127,8 @@ def bench_model(key: str, workdir: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| model | metric | float | ORT int8 | graphpress | size float → ORT int8 / graphpress | "
+    lines = ["| model | metric (in brackets: without the calibration samples) | float | ORT int8 | graphpress | "
+             "size float → ORT int8 / graphpress | "
              "latency ms (1 thread, thread CPU) float / ORT int8 / graphpress ONNX / graphpress TVM |",
              "|---|---|---|---|---|---|---|"]
     for key, e in results["models"].items():
@@ -139,13 +140,20 @@ def table(results: dict) -> str:
         else:   # rows from runs before the interleaved timing: wall times
             tvm = f"{g['artifact_latency_ms']:.2f}" if "artifact_latency_ms" in g else "—"
             latency = f"{f['latency_ms']:.2f} / {o['latency_ms']:.2f} / {g['latency_ms']:.2f} / {tvm} (wall)"
-        held = (f" ({g['metric_without_calibration_samples']:.4f})" if "metric_without_calibration_samples" in g
-                else "")
+        held = {name: f" ({item['metric_without_calibration_samples']:.4f})"
+                if "metric_without_calibration_samples" in item else "" for name, item in (("f", f), ("g", g))}
         lines.append(
-            f"| {key} | {e['metric_name']} | {f['metric']:.4f} | {o['metric']:.4f} | {g['metric']:.4f}{held} | "
+            f"| {key} | {e['metric_name']} | {f['metric']:.4f}{held['f']} | {o['metric']:.4f} | "
+            f"{g['metric']:.4f}{held['g']} | "
             f"{f['size_bytes'] / 1e6:.2f} MB → {o['size_bytes'] / f['size_bytes']:.1%} / "
             f"{g['size_bytes'] / f['size_bytes']:.1%} | {latency} |")
     return "\n".join(lines)
+
+
+def write_markdown(results: dict) -> None:
+    """headline.md: the table and the machine each row was measured on (rows of earlier runs are kept)."""
+    machines = "\n".join(f"- {key}: {e.get('machine', results['machine'])}" for key, e in results["models"].items())
+    (RESULTS / "headline.md").write_text(table(results) + f"\n\nMachines:\n{machines}\n")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -184,7 +192,7 @@ def main() -> None:
             results["models"][key] = bench_model(key, Path(tmp))
             RESULTS.mkdir(exist_ok=True)
             out.write_text(json.dumps(results, indent=1, default=str))
-            (RESULTS / "headline.md").write_text(table(results) + f"\n\nMachine: {results['machine']}\n")
+            write_markdown(results)
             plot(results, RESULTS / "headline.png")
     print(table(results))
 
