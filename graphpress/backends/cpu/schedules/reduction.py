@@ -73,6 +73,8 @@ def fuse_rows(sch: s_tir.Schedule, blocks: list, lanes: int) -> bool:
         spatial = [int(iv.dom.extent) for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
         if spatial not in (rows, extents):
             return False
+    blocks, partials = _vector_partials(sch, blocks, lanes)
+    out_loops = sch.get_loops(blocks[-1])
     row = sch.fuse(*out_loops[:-1]) if len(rows) > 1 else out_loops[0]
     for block in reversed(blocks[:-1]):
         sch.compute_at(block, row, preserve_unit_loops=True)
@@ -81,12 +83,41 @@ def fuse_rows(sch: s_tir.Schedule, blocks: list, lanes: int) -> bool:
         total *= e
     parallelize(sch, [row], total * len(blocks))
     for block in blocks:
-        if all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
-            inner = sch.get_loops(block)[-1]
+        inner = sch.get_loops(block)[-1]
+        if any(block.same_as(p) for p in partials):
+            lane = [loop for loop in sch.get_loops(block) if int(sch.get(loop).extent) == lanes][-1]
+            sch.reorder(*[loop for loop in sch.get_loops(block)[-2:] if not loop.same_as(lane)], lane)
+            sch.vectorize(lane)
+        elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
             extent = int(sch.get(inner).extent)
             if extent % lanes == 0 and extent > lanes:
                 sch.vectorize(sch.split(inner, [None, lanes])[1])
     return True
+
+
+def _vector_partials(sch: s_tir.Schedule, blocks: list, lanes: int) -> tuple[list, list]:
+    """Each row reduction over a multiple of `lanes` elements as `lanes` partial results (one vector
+    accumulator, block `*_rf`) and then the lanes into one value: (all blocks in order, the partials).
+
+    As one scalar accumulator, a row's max or sum is a chain of dependent operations (softmax's
+    128-long rows: a latency per element); `lanes` independent partials vectorize.
+    """
+    ordered, partials = [], []
+    for block in blocks:
+        iters = sch.get(block).iter_vars
+        extent = const_extent(iters[-1].dom.extent) or 0
+        if iters[-1].iter_type == tirx.IterVar.DataPar or extent % lanes or extent <= lanes:
+            ordered.append(block)
+            continue
+        _, lane = sch.split(sch.get_loops(block)[-1], [None, lanes])
+        try:
+            partial = sch.rfactor(lane, factor_axis=len(iters) - 1)
+        except s_tir.ScheduleError:  # a reducer rfactor does not recognize: stays scalar
+            ordered.append(block)
+            continue
+        ordered += [partial, block]
+        partials.append(partial)
+    return ordered, partials
 
 
 def _inline_single_use(sch: s_tir.Schedule, infos: list) -> list:
