@@ -217,6 +217,19 @@ def test_qdq_matmul_with_odd_columns_is_padded_and_exact(tmp_path):
     assert [r for n, r in rules.items() if "matmul" in n] == ["TiledPairs"], rules
 
 
+@pytest.mark.parametrize("target_name", HOST_AND_AVX2)
+def test_qdq_conv_with_narrow_odd_channels_is_padded_to_the_packed_kernel(tmp_path, target_name):
+    """51 output channels (a pruned layer): padded to 56 or 64 for the pair/quad kernel, which has no
+    partial-vector form; without it the convolution ran as scalar code, ten times slower."""
+    model = conv_block(cin=16, cout=51, k=3, hw=8)
+    calibration = [{"x": RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)} for _ in range(4)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    feeds = {"x": RNG.standard_normal((1, 16, 8, 8)).astype(np.float32)}
+    assert assert_int8_matches(qdq, feeds, target_name) >= 0.99
+    _, rules = lower_and_run(qdq, feeds, target_name)
+    assert [r for n, r in rules.items() if "conv2d" in n] == ["TiledPairs"], rules
+
+
 def test_asymmetric_weights_stay_float(tmp_path):
     """A per-channel weight zero point != 0 has no exact form as int16 products here: it stays float."""
     model = conv_block(cin=8, cout=16, k=3, hw=8)
