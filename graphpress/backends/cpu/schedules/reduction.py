@@ -85,8 +85,11 @@ def fuse_rows(sch: s_tir.Schedule, blocks: list, lanes: int) -> bool:
     for block in blocks:
         inner = sch.get_loops(block)[-1]
         if any(block.same_as(p) for p in partials):
-            lane = [loop for loop in sch.get_loops(block) if int(sch.get(loop).extent) == lanes][-1]
-            sch.reorder(*[loop for loop in sch.get_loops(block)[-2:] if not loop.same_as(lane)], lane)
+            # under the row loop, compute_at lays out the partials' spatial loops (the lanes among
+            # them) before their reduction loop, which may have `lanes` iterations too
+            loops = sch.get_loops(block)[1:]
+            lane = next(loop for loop in loops if int(sch.get(loop).extent) == lanes)
+            sch.reorder(*[loop for loop in loops if not loop.same_as(lane)], lane)
             sch.vectorize(lane)
         elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
             extent = int(sch.get(inner).extent)
