@@ -5,7 +5,7 @@
 
 `load` verifies the artifact's checksums first and refuses a damaged or incomplete one, and an
 artifact built for another architecture or for a GPU this machine lacks. `run` checks input names,
-dtypes and shapes against the artifact's metadata before anything reaches TVM. Threads: the TVM
+dtypes, shapes and table indices against the artifact's metadata before anything reaches TVM. Threads: the TVM
 runtime reads TVM_NUM_THREADS once, when its thread pool first starts.
 """
 
@@ -68,8 +68,22 @@ class CompiledModel:
             if list(array.shape) != list(spec["shape"]):
                 raise BackendError(f"{self.path}: input {spec['name']!r} must have shape {spec['shape']} "
                                    f"(fixed at compile time), got {list(array.shape)}")
+            _check_index_range(self.path, spec, array)
             arrays.append(array)
         return arrays
+
+
+def _check_index_range(path: str, spec: dict, array: np.ndarray) -> None:
+    """Refuse indices outside the table an input indexes (metadata "index_range", see
+    `backends.index_bounds`): TVM's Gather reads past the table instead of failing."""
+    if "index_range" not in spec or array.size == 0:
+        return
+    low, high = spec["index_range"]
+    bad = array[(array < low) | (array > high)]
+    if bad.size:
+        raise BackendError(f"{path}: input {spec['name']!r} holds {bad.size} index(es) outside [{low}, {high}] "
+                           f"(e.g. {bad.reshape(-1)[0]}), the rows of the table Gather node {spec['indexes']!r} "
+                           f"reads; TVM does not check indices and would read past the table")
 
 
 def _to_numpy(value, spec: dict) -> np.ndarray:

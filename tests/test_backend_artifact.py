@@ -108,3 +108,27 @@ def test_foreign_architecture_artifact_is_refused_clearly(copy):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(BackendError, match="compiled for aarch64"):
         runtime.load(copy)
+
+
+def test_run_refuses_indices_outside_the_table_a_gather_reads(tmp_path):
+    """TVM's Gather reads past the table on a bad index (garbage or a crash); the artifact records the
+    range each integer input may take, through a Cast, and `run` refuses the rest, naming the node."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    nodes = [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["table", "ids32"], ["y"], name="embed", axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    compiled = runtime.load(compile(model, "x86", tmp_path / "gather", progress=False))
+    assert compiled.inputs[0]["index_range"] == [-10, 9] and compiled.inputs[0]["indexes"] == "embed"
+    ids = np.array([[0, 9, -1]], np.int64)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(compiled.run({"ids": ids})["y"], want)
+    with pytest.raises(BackendError, match=r"'ids' holds 1 index\(es\) outside \[-10, 9\] \(e.g. 10\).*'embed'"):
+        compiled.run({"ids": np.array([[0, 10, 3]], np.int64)})

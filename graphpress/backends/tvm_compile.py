@@ -33,6 +33,7 @@ from ..errors import BackendError, GraphpressError
 from . import targets as targets_mod
 from ._tvm import summarize
 from .artifact import LIBRARY, ArtifactWriter, sha256
+from .index_bounds import gather_index_bounds
 
 #: TVM's ONNX importer handles these op types itself rather than through its converter table
 _DIRECTLY_IMPORTED = {"If", "Constant"}
@@ -71,6 +72,7 @@ def compile(model, target: str | None = "x86", output: str | os.PathLike | None 
         bar.update()
         bar.set_postfix_str("import")
         inputs, bound = input_specs(proto, shapes, where)
+        index_bounds = gather_index_bounds(proto)
         mod = import_relax(proto, inputs, where)
         outputs = output_specs(mod, proto)
         bar.update()
@@ -92,7 +94,7 @@ def compile(model, target: str | None = "x86", output: str | os.PathLike | None 
             export(executable, spec, writer.path(LIBRARY))
             writer.write_model(proto.SerializeToString())
             path = writer.commit({
-                "inputs": [asdict(t) for t in inputs],
+                "inputs": [dict(asdict(t), **_index_bound(t.name, index_bounds)) for t in inputs],
                 "outputs": [asdict(t) for t in outputs],
                 "bound_dims": bound,
                 "target": {"name": spec.name, "kind": spec.kind, "arch": spec.arch, "config": spec.config},
@@ -128,6 +130,11 @@ def load_onnx(model, pipeline: str | None) -> tuple[onnx.ModelProto, str, dict]:
 
         proto = run_pipeline(load(proto), pipeline).to_onnx()
     return proto, where, source
+
+
+def _index_bound(name: str, bounds: dict) -> dict:
+    """{"index_range": [low, high], "indexes": Gather node} for an input that indexes a table, else {}."""
+    return {"index_range": bounds[name]["range"], "indexes": bounds[name]["node"]} if name in bounds else {}
 
 
 def input_specs(proto: onnx.ModelProto, shapes: dict | None, where: str) -> tuple[list[TensorSpec], dict]:
