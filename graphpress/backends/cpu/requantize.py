@@ -46,15 +46,6 @@ def _call(mutator, expr, op: str) -> relax.Call | None:
     return expr if isinstance(expr, relax.Call) and expr.op == _OPS[op] else None
 
 
-def _scalar(mutator, expr) -> float | None:
-    """The value of a scalar (or single-element) constant, else None."""
-    const = _constant(mutator, expr)
-    if const is None:
-        return None
-    value = const.value.numpy()
-    return float(value.reshape(-1)[0]) if value.size == 1 else None
-
-
 def _binary(mutator, expr, op: str):
     """(x, constant value) when `expr` is `op(x, constant)`, else None."""
     call = _call(mutator, expr, op)
@@ -64,19 +55,25 @@ def _binary(mutator, expr, op: str):
     return (call.args[0], const.value.numpy()) if const is not None else None
 
 
+def _scalar_binary(mutator, expr, op: str):
+    """(x, c as float) when `expr` is `op(x, c)` with a scalar (single-element) constant c, else None."""
+    found = _binary(mutator, expr, op)
+    if found is None or found[1].size != 1:
+        return None
+    return found[0], float(found[1].reshape(-1)[0])
+
+
 def _clamped(mutator, expr):
     """(x, low, high) for minimum(maximum(x, low), high) with scalar bounds (or maximum alone: high
     = +inf), else None."""
     high = np.inf
-    outer = _binary(mutator, expr, "minimum")
+    outer = _scalar_binary(mutator, expr, "minimum")
     if outer is not None:
-        if outer[1].size != 1:
-            return None
-        expr, high = outer[0], float(outer[1].reshape(-1)[0])
-    inner = _binary(mutator, expr, "maximum")
-    if inner is None or inner[1].size != 1:
+        expr, high = outer
+    elif _binary(mutator, expr, "minimum") is not None:  # a per-channel bound
         return None
-    return inner[0], float(inner[1].reshape(-1)[0]), high
+    inner = _scalar_binary(mutator, expr, "maximum")
+    return None if inner is None else (inner[0], inner[1], high)
 
 
 def _saturated_rounding(mutator, expr):
@@ -84,13 +81,11 @@ def _saturated_rounding(mutator, expr):
     clamp = _clamped(mutator, expr)
     if clamp is None or not np.isfinite(clamp[2]):
         return None
-    shifted = _binary(mutator, clamp[0], "add")
-    if shifted is None or shifted[1].size != 1:
-        return None
-    rounded = _call(mutator, shifted[0], "round")
+    shifted = _scalar_binary(mutator, clamp[0], "add")
+    rounded = _call(mutator, shifted[0], "round") if shifted is not None else None
     if rounded is None:
         return None
-    return rounded.args[0], float(shifted[1].reshape(-1)[0]), clamp[1], clamp[2]
+    return rounded.args[0], shifted[1], clamp[1], clamp[2]
 
 
 def _use_counts(mod: tvm.IRModule) -> dict:
@@ -117,8 +112,8 @@ class _FoldRequantize(relax.PyExprMutator):
         if call.op != _OPS["astype"] or str(call.attrs.dtype) not in ("int8", "uint8"):
             return call
         dtype, shift, source = str(call.attrs.dtype), 0.0, call.args[0]
-        widened = _binary(self, source, "add")  # astype(astype(astype(c, int8), int16) + 128, uint8)
-        if dtype == "uint8" and widened is not None and widened[1].size == 1 and float(widened[1].reshape(-1)[0]) == 128:
+        widened = _scalar_binary(self, source, "add")  # astype(astype(astype(c, int8), int16) + 128, uint8)
+        if dtype == "uint8" and widened is not None and widened[1] == 128:
             to_int16 = _call(self, widened[0], "astype")
             to_int8 = _call(self, to_int16.args[0], "astype") if to_int16 is not None else None
             if to_int8 is None or str(to_int16.attrs.dtype) != "int16" or str(to_int8.attrs.dtype) != "int8":
@@ -140,10 +135,10 @@ class _FoldRequantize(relax.PyExprMutator):
 
     def _merge_activation(self, z, zero_point: float, low: float, high: float):
         """z = clamp(y, a, b) * inv with inv > 0 -> (y * inv, saturation bounds narrowed by the clamp)."""
-        scaled = _binary(self, z, "multiply")
-        if scaled is None or scaled[1].size != 1 or float(scaled[1].reshape(-1)[0]) <= 0:
+        scaled = _scalar_binary(self, z, "multiply")
+        if scaled is None or scaled[1] <= 0:
             return z, low, high
-        inverse = np.float32(scaled[1].reshape(-1)[0])
+        inverse = np.float32(scaled[1])
         clamp = _clamped(self, scaled[0])
         if clamp is None:
             return z, low, high
@@ -155,10 +150,10 @@ class _FoldRequantize(relax.PyExprMutator):
 
     def _fold_scales(self, z):
         """(x * S + B) * inv or x * S * inv with constant S, B and scalar inv -> x * (S * inv) (+ B * inv)."""
-        scaled = _binary(self, z, "multiply")
-        if scaled is None or scaled[1].size != 1:
+        scaled = _scalar_binary(self, z, "multiply")
+        if scaled is None:
             return z
-        inverse = scaled[1].astype(np.float32).reshape(())
+        inverse = np.float32(scaled[1])
         bias = _binary(self, scaled[0], "add")
         product = _binary(self, bias[0] if bias is not None else scaled[0], "multiply")
         if product is None:
