@@ -252,6 +252,46 @@ def test_avx512_tiles_take_half_vectors_when_whole_ones_do_not_divide_the_channe
     assert "T.vectorized(T.int64(8))" in script and "T.vectorized(T.int64(24))" not in script
 
 
+def _panel_cases():
+    """(model, input shape, the packed weight's shape) per kind of layer that takes panels on AVX-512."""
+    gemm = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], [tensor("x", 3, 40)],
+                      [tensor("y", 3, 64)], [weight("w", 64, 40), weight("b", 64)])
+    matmul = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [tensor("x", 1, 9, 24)],
+                        [tensor("y", 1, 9, 48)], [weight("w", 24, 48)])
+    return {
+        "pointwise-7x7": (conv_block(cin=64, cout=64, k=1, hw=7, act=None), (1, 64, 7, 7), (4, 1, 1, 64, 16)),
+        "conv3x3-s2": (conv_block(cin=16, cout=32, k=3, stride=2, hw=9), (1, 16, 9, 9), (2, 3, 3, 16, 16)),
+        "conv3x3-24": (conv_block(cin=8, cout=24, k=3, hw=6), (1, 8, 6, 6), (3, 3, 3, 8, 8)),
+        "gemm-transB": (gemm, (3, 40), (4, 40, 16)),
+        "matmul-3d": (matmul, (1, 9, 24), (3, 24, 16)),
+    }
+
+
+@pytest.mark.parametrize("case", ["pointwise-7x7", "conv3x3-s2", "conv3x3-24", "gemm-transB", "matmul-3d"])
+def test_constant_weights_are_read_from_panels(case):
+    """Float convolutions and weight matmuls read [O/V, ..., V] weight panels, V the tile's vector
+    (16 lanes on AVX-512, 8 for 24 channels), still fused with their epilogue and register-tiled;
+    results as onnxruntime's."""
+    model, shape, panels = _panel_cases()[case]
+    target = targets.resolve(target_json={"kind": "llvm", "mcpu": "skylake-avx512"}).tvm_target()
+    specs, _ = input_specs(model, None, "test")
+    script = pipeline.prepare(import_relax(model, specs, "test"), target).script()
+    printed = ", ".join(f"T.int64({d})" for d in panels)
+    assert f"T.Buffer(({printed}), \"float32\")" in script, script
+    rules = assert_matches_onnxruntime(model, {"x": RNG.standard_normal(shape).astype(np.float32)})
+    assert [r for n, r in rules.items() if "panels" in n] == ["TiledReduction"], rules
+
+
+def test_panels_hold_each_output_channel_at_its_block_and_lane():
+    from graphpress.backends.cpu.panels import to_panels
+
+    w = RNG.standard_normal((3, 3, 5, 32)).astype(np.float32)
+    p = to_panels(w, 8)
+    assert p.shape == (4, 3, 3, 5, 8) and p.flags.c_contiguous
+    for o in range(32):
+        np.testing.assert_array_equal(p[o // 8, ..., o % 8], w[..., o])
+
+
 @pytest.mark.skipif(not (SHARED / "models" / "resnet8_cifar10.onnx").is_file(), reason="../shared/models absent")
 def test_resnet8_matches_onnxruntime():
     model = onnx.load(str(SHARED / "models" / "resnet8_cifar10.onnx"))

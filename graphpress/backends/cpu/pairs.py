@@ -33,11 +33,15 @@ odd-channel convolutions and activation x activation matmuls keep the plain int1
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax, te, topi
 from tvm.ir.expr import Constant
 from tvm.script import tirx as T
+
+from .relax_rewrites import mutator_pass
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -111,16 +115,26 @@ def register_intrinsics() -> None:
             TensorIntrin.register(name, *_grouped_dot(lanes, group))
 
 
-def conv2d_nhwc_packed(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, pad_value=0) -> te.Tensor:
-    """NHWC convolution with [kh, kw, C/g, O, g] packed weights, int32 result; padding with `pad_value`."""
-    n, h, w, _ = (int(d) for d in data.shape)
-    kh, kw, groups, channels, group = (int(d) for d in kernel.shape)
+def padded_window(data: te.Tensor, kh: int, kw: int, strides, padding, dilation, pad_value=0):
+    """(padded NHWC input, output height, output width, strides, dilation) of a kh x kw convolution.
+
+    The padded copy is named `pad_temp` like the one TVM's own conv2d makes, so the schedules
+    recognize it; it is `data` itself without padding."""
+    _, h, w, _ = (int(d) for d in data.shape)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     padded = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], pad_value=pad_value,
                          name="pad_temp") if any(padding) else data
     out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    return padded, out_h, out_w, (sh, sw), (dh, dw)
+
+
+def conv2d_nhwc_packed(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, pad_value=0) -> te.Tensor:
+    """NHWC convolution with [kh, kw, C/g, O, g] packed weights, int32 result; padding with `pad_value`."""
+    n = int(data.shape[0])
+    kh, kw, groups, channels, group = (int(d) for d in kernel.shape)
+    padded, out_h, out_w, (sh, sw), (dh, dw) = padded_window(data, kh, kw, strides, padding, dilation, pad_value)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     rc, rp = te.reduce_axis((0, groups), "rc"), te.reduce_axis((0, group), "rp")
     return te.compute(
@@ -239,19 +253,7 @@ def pack_dot_products(target):
     from .machine import vector_unit
 
     unit = vector_unit(target)
-    enabled = not str(target.attrs.get("mtriple", "x86_64")).startswith("aarch64") and unit.bits >= 256
+    if str(target.attrs.get("mtriple", "x86_64")).startswith("aarch64") or unit.bits < 256:
+        return tvm.transform.module_pass(lambda mod, _ctx: mod, opt_level=0, name="PackDotProducts")
     quads = unit.dot_int8 in ("avx512vnni", "avxvnni")
-
-    @tvm.transform.module_pass(opt_level=0, name="PackDotProducts")
-    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if not enabled:
-            return mod
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mutator = _Packer(mod, quads)
-                new = mutator.visit_expr(func)
-                mod = mutator.builder_.get()
-                mod[gvar] = new
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return transform
+    return mutator_pass(functools.partial(_Packer, quads=quads), "PackDotProducts")

@@ -13,7 +13,8 @@ tuned functions keep their tuned schedules).
    fold into the constants, and layout conversions between consecutive convolutions cancel.
    Output channels that no vector divides are padded (see `channel_padding`); int8 convolutions and
    matmuls get packed weights (see `pairs`) and their requantization epilogues are folded into one
-   multiply-add, round and clamp (see `requantize`).
+   multiply-add, round and clamp (see `requantize`); float ones read their weights from panels of
+   one vector of output channels (see `panels`).
    exp, erf, tanh and softmax as TVM's polynomial `fast_*` versions (~1e-7 relative error), which
    vectorize; the default lowering calls scalar libm per element (GELU's erf was half of MiniLM's time).
 2. Legalize and fuse: conv/matmul + bias + activation + residual add become one PrimFunc.
@@ -29,6 +30,7 @@ def prepare_passes(target) -> list:
     from .channel_padding import pad_output_channels
     from .int8 import elementwise_qdq, integer_conv_matmul
     from .pairs import pack_dot_products
+    from .panels import pack_weight_panels
     from .relax_rewrites import channels_last, clip_to_relax_ops, fold_constants_numpy
     from .requantize import fold_requantize
 
@@ -43,6 +45,7 @@ def prepare_passes(target) -> list:
         fold_constants_numpy(),
         pad_output_channels(),
         pack_dot_products(target),
+        pack_weight_panels(target),
         fold_requantize(),
         relax.transform.FastMathTransform(),  # vectorizable exp/erf/tanh/softmax: libm calls are scalar
         relax.transform.FoldConstant(),

@@ -99,14 +99,18 @@ class _FoldConstantsNumpy(relax.PyExprMutator):
 def mutator_pass(mutator_class, name: str):
     """A module pass running `mutator_class(mod)` over every Relax function, then dead-code elimination.
 
-    Works on a copy: a module pass receives the caller's module, which must stay as it was."""
+    Works on a copy: a module pass receives the caller's module, which must stay as it was. The
+    PrimFuncs a mutator adds (`builder_.call_te`) are in its builder's module, which is kept."""
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mod = mod.clone()
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
-                mod[gvar] = mutator_class(mod).visit_expr(func)
+                mutator = mutator_class(mod)
+                new = mutator.visit_expr(func)
+                mod = mutator.builder_.get()
+                mod[gvar] = new
         return relax.transform.DeadCodeElimination()(mod)
 
     return transform

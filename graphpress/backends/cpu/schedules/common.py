@@ -34,6 +34,14 @@ def is_var(expr, var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
 
 
+def follows_channels(region, var) -> bool:
+    """Whether a buffer region's innermost index is the channel variable `var` itself, or `var % V`
+    (weights in packed panels, see `..panels`): its innermost axis then runs along the channels."""
+    index = innermost_index(region)
+    return is_var(index, var) or (isinstance(index, tirx.FloorMod) and is_var(index.a, var)
+                                  and isinstance(index.b, tirx.IntImm))
+
+
 #: a parallel loop fuses outer loops until it has this many iterations (enough chunks to balance the
 #: pool); fusing more costs a div/mod per iteration to recover each index and leaves LLVM a loop it
 #: optimizes less well
