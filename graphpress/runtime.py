@@ -22,7 +22,10 @@ from .errors import BackendError
 
 
 class CompiledModel:
-    """A loaded artifact: `inputs`/`outputs` (metadata dicts) and `run`."""
+    """A loaded artifact: `inputs`/`outputs` (metadata dicts) and `run`.
+
+    One model runs one call at a time (like the TVM virtual machine under it): threads that run
+    concurrently each load their own."""
 
     def __init__(self, artifact: OpenedArtifact, shown_as: str):
         self._artifact = artifact  # keeps an unpacked .tar's temporary directory alive
@@ -32,6 +35,7 @@ class CompiledModel:
         self.outputs = self.metadata["outputs"]
         self._vm, self._device = _load_vm(artifact, shown_as)
         self._main = self._vm["main"]  # looked up once: the lookup costs ~0.1 ms per call
+        self._staging: dict[int, object] = {}  # input index -> reused TVM tensor for unaligned inputs
 
     @property
     def target(self) -> dict:
@@ -47,11 +51,30 @@ class CompiledModel:
 
         arrays = self._check_inputs(inputs)
         try:
-            result = self._main(*[tvm.runtime.tensor(a, self._device) for a in arrays])
+            result = self._main(*[self._tensor(i, a) for i, a in enumerate(arrays)])
         except Exception as exc:  # TVM raises TVMError subclasses from inside the kernels
             raise BackendError(f"{self.path}: running the model failed ({summarize(exc)})") from exc
         results = [result] if len(self.outputs) == 1 else list(result)
         return {spec["name"]: _to_numpy(r, spec) for spec, r in zip(self.outputs, results)}
+
+    def _tensor(self, index: int, array: np.ndarray):
+        """Input `index` as a TVM tensor on the device, copying only what must be copied.
+
+        On the CPU a 64-byte aligned array is passed without a copy (TVM requires that alignment), and
+        an unaligned one is copied into a tensor kept for that input; allocating and filling a new
+        tensor per call cost ~13 us, 7% of ResNet-8's run time. The kernels never write their inputs.
+        """
+        import tvm
+
+        if self._device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            return tvm.runtime.tensor(array, self._device)
+        if array.ctypes.data % 64 == 0 and array.flags.c_contiguous and array.size:
+            return tvm.runtime.from_dlpack(array)
+        staging = self._staging.get(index)
+        if staging is None:
+            staging = self._staging[index] = tvm.runtime.empty(array.shape, str(array.dtype), self._device)
+        staging.copyfrom(array)
+        return staging
 
     def _check_inputs(self, inputs: dict) -> list[np.ndarray]:
         expected = [spec["name"] for spec in self.inputs]

@@ -89,6 +89,32 @@ def test_run_checks_inputs(artifact):
         model.run({"x": np.zeros((2, 3, 16, 16), np.float32)})
 
 
+def test_run_gives_the_same_result_for_aligned_unaligned_and_strided_inputs(artifact):
+    """Aligned inputs go to TVM without a copy, others through a tensor reused across calls: every
+    call must see its own input, and no input is written."""
+    import onnxruntime as ort
+
+    model = runtime.load(artifact)
+    session = ort.InferenceSession(model.onnx_model_bytes(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for layout in ("aligned", "unaligned", "strided", "unaligned"):
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        if layout == "unaligned":
+            buffer = np.empty(x.size + 16, np.float32)
+            offset = next(k for k in range(1, 16) if (buffer.ctypes.data + 4 * k) % 64)
+            view = buffer[offset:offset + x.size].reshape(x.shape)
+            view[...] = x
+            x = view
+            assert x.ctypes.data % 64
+        elif layout == "strided":
+            x = np.repeat(x, 2, axis=3)[..., ::2]
+        before = x.copy()
+        got = model.run({"x": x})
+        want = session.run(None, {"x": np.ascontiguousarray(x)})[0]
+        np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(x, before)
+
+
 def test_overwrite_only_replaces_an_artifact(artifact, tmp_path):
     again = compile(conv_net(), "x86", artifact, progress=False)  # an earlier artifact is replaced
     runtime.load(again)
