@@ -47,8 +47,6 @@ class CompiledModel:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on named numpy inputs; return named numpy outputs."""
-        import tvm
-
         arrays = self._check_inputs(inputs)
         try:
             result = self._main(*[self._tensor(i, a) for i, a in enumerate(arrays)])
