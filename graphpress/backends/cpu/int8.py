@@ -20,8 +20,9 @@ element-wise, so FuseOps puts them into the convolution's epilogue: the requanti
 (scale, round half to even, zero point, saturate) runs per register tile in float32, as
 onnxruntime's QLinearConv does, and only int8 tensors travel between layers.
 
-Applied to matmuls and to convolutions with an even number of input channels per group of 1 (see
-`_has_integer_kernel`), where the weight is a constant with zero zero-point (symmetric, per tensor or
+Applied to matmuls (also on a transposed weight, Gemm's transB) and to convolutions with groups = 1
+(see `_has_integer_kernel`; an odd number of input channels, an RGB stem, is padded to a multiple of
+4 with the zero point), where the weight is a constant with zero zero-point (symmetric, per tensor or
 per output channel) and the activation has one scale and zero point. Depthwise convolutions with a
 constant weight take the same form with float accumulation:
 
@@ -49,6 +50,7 @@ _DEQUANTIZE = tvm.ir.Op.get("relax.dequantize")
 _QUANTIZE = tvm.ir.Op.get("relax.quantize")
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 _INTEGER = ("int8", "uint8")
 
 
@@ -85,6 +87,23 @@ class _Operand:
             shifted = relax.op.subtract(shifted, relax.const(self.zero_point.astype(np.int16).reshape(()), "int16"))
         return shifted
 
+    def with_channels(self, multiple: int) -> "_Operand":
+        """This NCHW activation / OIHW weight with axis 1 padded to a multiple of `multiple`, holding
+        the zero point there: q - zero_point = 0 in the new channels, so they add nothing to a
+        convolution. Odd channel counts (a 3-channel stem) then take the integer kernels, which
+        reduce over channel pairs or quads."""
+        # (per-channel zero points other than 0 are refused later, see `_output_scale`)
+        zero_point = self.zero_point.reshape(-1)[0] if self.zero_point.size == 1 else 0
+        channels = int(self.data.ty.shape.values[1])
+        extra = -channels % multiple
+        if self.data_const is not None:
+            widths = [(0, 0), (0, extra)] + [(0, 0)] * (self.data_const.ndim - 2)
+            data = np.pad(self.data_const, widths, constant_values=zero_point)
+            return _Operand(relax.const(data, str(data.dtype)), data, self.scale, self.zero_point, self.axis)
+        rank = len(self.data.ty.shape.values)
+        padded = relax.op.nn.pad(self.data, [0, 0, 0, extra] + [0, 0] * (rank - 2), pad_value=float(zero_point))
+        return _Operand(padded, None, self.scale, self.zero_point, self.axis)
+
     def as_narrow_integer(self) -> relax.Expr:
         """q - zero_point in the narrowest type that holds it: q itself for a zero point of 0, uint8
         for int8 with zero point -128 (activations after ReLU / ReLU6), int16 otherwise.
@@ -111,8 +130,19 @@ class _Operand:
 
 
 def _dequantized(mutator, expr) -> _Operand | None:
-    """`expr` as a dequantize of int8/uint8 data with constant scale and zero point, else None."""
+    """`expr` as a dequantize of int8/uint8 data with constant scale and zero point, else None.
+
+    A transposed dequantized constant (Gemm with transB=1 imports as matmul(x, permute_dims(W))) is
+    the dequantize of the transposed constant, with the scale's axis moved along."""
     call = _value(mutator, expr)
+    if isinstance(call, relax.Call) and call.op == _PERMUTE_DIMS:
+        inner = _dequantized(mutator, call.args[0])
+        if inner is None or inner.data_const is None:
+            return None
+        axes = list(range(inner.data_const.ndim))[::-1] if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+        data = np.ascontiguousarray(np.transpose(inner.data_const, axes))
+        axis = axes.index(inner.axis % inner.data_const.ndim)
+        return _Operand(relax.const(data, str(data.dtype)), data, inner.scale, inner.zero_point, axis)
     if not isinstance(call, relax.Call) or call.op != _DEQUANTIZE:
         return None
     data, scale, zero_point = call.args
@@ -133,6 +163,8 @@ class _IntegerRewriter(relax.PyExprMutator):
             return call
         integer = _has_integer_kernel(call)
         a, b = (_dequantized(self, arg) for arg in call.args[:2])
+        if not integer and _odd_channels(call) and a is not None and b is not None and b.data_const is not None:
+            a, b, integer = a.with_channels(CHANNEL_MULTIPLE), b.with_channels(CHANNEL_MULTIPLE), True
         if a is None or b is None or not (integer or _depthwise(call) and b.data_const is not None):
             log.debug("int8: %s keeps float: no integer kernel, or an input is not a constant-scale "
                       "DequantizeLinear", call.op.name)
@@ -148,6 +180,16 @@ class _IntegerRewriter(relax.PyExprMutator):
         else:
             acc = relax.op.astype(_conv2d(call, a.as_int16(), b.as_int16(), "int32"), "float32")
         return relax.op.multiply(acc, relax.const(scale, "float32"))
+
+
+#: odd input channel counts of convolutions are padded to a multiple of this (channel quads)
+CHANNEL_MULTIPLE = 4
+
+
+def _odd_channels(call) -> bool:
+    """A convolution with groups = 1 and an odd number of input channels (RGB stems)."""
+    return (call.op == _CONV2D and int(call.attrs.groups) == 1 and call.attrs.kernel_layout == "OIHW"
+            and call.attrs.data_layout == "NCHW" and int(call.args[1].ty.shape.values[1]) % 2 == 1)
 
 
 def _depthwise(call) -> bool:
