@@ -28,8 +28,10 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 RNG = np.random.default_rng(1)
 
 
-def quantize_static(model: onnx.ModelProto, feeds: list[dict], tmp_path: Path, per_channel=True, **extra):
-    """onnxruntime's QDQ quantization of `model` calibrated on `feeds`; returns the QDQ ModelProto."""
+def quantize_static(model: onnx.ModelProto, feeds: list[dict], tmp_path: Path, per_channel=True, activation="int8",
+                    **extra):
+    """onnxruntime's QDQ quantization of `model` calibrated on `feeds` (int8 or uint8 activations, int8
+    weights); returns the QDQ ModelProto."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize
 
@@ -43,7 +45,8 @@ def quantize_static(model: onnx.ModelProto, feeds: list[dict], tmp_path: Path, p
     src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
     onnx.save(model, str(src))
     ort_quantize(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options=extra)
+                 activation_type=QuantType.QInt8 if activation == "int8" else QuantType.QUInt8,
+                 weight_type=QuantType.QInt8, extra_options=extra)
     return onnx.load(str(dst))
 
 

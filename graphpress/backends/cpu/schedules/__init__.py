@@ -5,6 +5,9 @@
   of (second-innermost x vector-of-innermost) accumulators, vectorized and unrolled, reduction loops
   around it, parallel outer loops, and the fused epilogue (bias, activation, residual) computed per
   tile while it is still in registers.
+- `DepthwiseConv`: stride-1 depthwise convolutions: the padded input window staged per block of
+  outputs (converted once to float32 for int8 models), a register tile that leaves room for one
+  kernel row of weights (see `.depthwise`); strided ones take `TiledReduction`.
 - `TiledPairs`: the same tile for int16 convolutions with channel-pair packed weights, tensorized
   with x86 `vpmaddwd` (see `..pairs`).
 - `RowReduction`: the other reductions (softmax, layer norm, mean along the innermost axis):
@@ -16,11 +19,12 @@
 The rules read the vector width and register count from the target (`machine.vector_unit`).
 """
 
+from .depthwise import DepthwiseConv
 from .injective import Injective
 from .pairs import TiledPairs
 from .reduction import RowReduction
 from .tiled import TiledReduction
 
-RULES = (TiledPairs(), TiledReduction(), RowReduction(), Injective())
+RULES = (TiledPairs(), DepthwiseConv(), TiledReduction(), RowReduction(), Injective())
 
-__all__ = ["RULES", "Injective", "RowReduction", "TiledPairs", "TiledReduction"]
+__all__ = ["RULES", "DepthwiseConv", "Injective", "RowReduction", "TiledPairs", "TiledReduction"]
