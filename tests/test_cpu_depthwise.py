@@ -106,3 +106,39 @@ def test_depthwise_graphs_under_qemu_match_x86(qemu_runtime, tmp_path):
     calibration = [{"x": RNG.standard_normal((1, 8, 14, 14)).astype(np.float32)} for _ in range(4)]
     for name, proto in (("float", model), ("int8", quantize_static(model, calibration, tmp_path))):
         cross._compare_with_x86(proto, tmp_path / name, "aarch64")
+
+
+def qdq_depthwise(kernel: int, weights: np.ndarray, channels=16, size=24):
+    """uint8 input (zero point 0) -> DequantizeLinear -> depthwise conv (kernel x kernel, 'same'
+    padding) with per-channel int8 weights `weights` [channels, 1, kernel, kernel]."""
+    pad = kernel // 2
+    inits = [onnx.numpy_helper.from_array(np.array(0.02, np.float32), "sx"),
+             onnx.numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+             onnx.numpy_helper.from_array(weights.astype(np.int8), "wq"),
+             onnx.numpy_helper.from_array(RNG.uniform(0.001, 0.01, channels).astype(np.float32), "sw"),
+             onnx.numpy_helper.from_array(np.zeros(channels, np.int8), "zw")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], kernel_shape=[kernel, kernel], pads=[pad] * 4, group=channels)]
+    return make_model(nodes, [tensor("x", 1, channels, size, size)], [tensor("y", 1, channels, size, size)], inits, opset=13)
+
+
+@pytest.mark.parametrize("kernel,full_range,exact", [(3, True, True), (23, False, True), (23, True, False)])
+def test_depthwise_float_accumulation_only_where_exact(caplog, kernel, full_range, exact):
+    """int8 depthwise convolutions accumulate integer products in float32 only while every partial sum
+    is at most 2^24 (255 x 128 x 529 taps of a full-range 23x23 kernel is not); otherwise float
+    arithmetic on the dequantized values. Both match onnxruntime's QDQ reference."""
+    import logging
+
+    shape = (16, 1, kernel, kernel)
+    weights = RNG.choice([-128, 127], shape) if full_range else RNG.integers(-20, 21, shape)
+    model = qdq_depthwise(kernel, weights)
+    # inputs on the quantization grid: the QuantizeLinear rounds no tie, which TVM's x * (1 / scale) and
+    # onnxruntime's x / scale could break differently (one step moves a whole 23x23 window of outputs)
+    feeds = {"x": (RNG.integers(0, 256, (1, 16, 24, 24)) * np.float32(0.02)).astype(np.float32)}
+    with caplog.at_level(logging.DEBUG, logger="graphpress.backends.cpu.int8"):
+        got, _ = lower_and_run(model, feeds)
+    assert ("may exceed 2^24" in caplog.text) is not exact
+    want = onnxruntime_qdq(model, feeds, optimized=False)[0]
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5 * float(np.abs(want).max()))

@@ -28,9 +28,10 @@ constant weight take the same form with float accumulation:
 
     conv2d(narrow(xq - zx), float(Wq), out_dtype="float32") * (sx * sw)
 
-where the integer products and their sums are exact in float32, and the input stays one byte per
-element between layers (uint8 for ReLU outputs quantized with zero point -128). Anything else stays
-float (ONNX's float semantics on the dequantized values), logged at debug.
+where the integer products and their sums are exact in float32 (checked per layer,
+`_exact_in_float32`), and the input stays one byte per element between layers (uint8 for ReLU
+outputs quantized with zero point -128); `schedules.depthwise` converts it once per staged window.
+Anything else stays float (ONNX's float semantics on the dequantized values), logged at debug.
 """
 
 from __future__ import annotations
@@ -119,14 +120,22 @@ class _Operand:
             return relax.op.astype(relax.op.add(relax.op.astype(self.data, "int16"), relax.const(128, "int16")), "uint8")
         return self.as_int16()
 
-    def as_integer_floats(self) -> relax.Expr:
-        """A constant's q - zero_point as float32: integer products that float sums hold exactly
-        (up to 2^24, e.g. a 7x7 depthwise window of 255 x 127 products)."""
+    def integer_values(self) -> np.ndarray:
+        """A constant's q - zero_point (int32), the zero point broadcast along `axis`."""
         shape = [1] * self.data_const.ndim
         if self.zero_point.size > 1:
             shape[self.axis] = -1
-        return relax.const(self.data_const.astype(np.float32) - self.zero_point.astype(np.float32).reshape(shape),
-                           "float32")
+        return self.data_const.astype(np.int32) - self.zero_point.astype(np.int32).reshape(shape)
+
+    def as_integer_floats(self) -> relax.Expr:
+        """A constant's q - zero_point as float32: integer products that float sums hold exactly
+        (up to 2^24, see `_exact_in_float32`)."""
+        return relax.const(self.integer_values().astype(np.float32), "float32")
+
+    def largest_magnitude(self) -> int:
+        """The largest |q - zero_point| the data type allows: any value of it may arrive at run time."""
+        info = np.iinfo(str(self.data.ty.dtype))
+        return int(np.max(np.maximum(np.abs(info.min - self.zero_point), np.abs(info.max - self.zero_point))))
 
 
 def _dequantized(mutator, expr) -> _Operand | None:
@@ -165,7 +174,11 @@ class _IntegerRewriter(relax.PyExprMutator):
         a, b = (_dequantized(self, arg) for arg in call.args[:2])
         if not integer and _odd_channels(call) and a is not None and b is not None and b.data_const is not None:
             a, b, integer = a.with_channels(CHANNEL_MULTIPLE), b.with_channels(CHANNEL_MULTIPLE), True
-        if a is None or b is None or not (integer or _depthwise(call) and b.data_const is not None):
+        depthwise = not integer and _depthwise(call) and a is not None and b is not None and b.data_const is not None
+        if depthwise and not _exact_in_float32(a, b):
+            log.debug("int8: depthwise %s keeps float: its integer sums may exceed 2^24", call.op.name)
+            depthwise = False
+        if a is None or b is None or not (integer or depthwise):
             log.debug("int8: %s keeps float: no integer kernel, or an input is not a constant-scale "
                       "DequantizeLinear", call.op.name)
             return call
@@ -202,6 +215,22 @@ def _depthwise(call) -> bool:
     """
     groups = int(call.attrs.groups)
     return groups > 1 and groups == int(call.args[0].ty.shape.values[1])
+
+
+#: float32 holds every integer of at most this magnitude exactly
+FLOAT32_EXACT = 2 ** 24
+
+
+def _exact_in_float32(a: _Operand, b: _Operand) -> bool:
+    """Whether a depthwise convolution's float32 sums of (xq - zx) * (wq - zw) are exact: every
+    partial sum is at most the largest |xq - zx| times the largest per-channel sum of |wq - zw|.
+
+    3x3 int8 kernels stay below 2^19; about 520 full-range taps (a 23x23 kernel) could exceed 2^24,
+    and such a convolution keeps float arithmetic on the dequantized values.
+    """
+    weights = np.abs(b.integer_values().astype(np.int64))
+    per_channel = weights.reshape(weights.shape[0], -1).sum(axis=1)
+    return a.largest_magnitude() * int(per_channel.max()) <= FLOAT32_EXACT
 
 
 def _conv2d(call, data: relax.Expr, weight: relax.Expr, out_dtype: str) -> relax.Expr:
