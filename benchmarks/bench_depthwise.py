@@ -10,8 +10,8 @@ The float and int8 MobileNetV2 of `bench_cpu` (static batch 1, folded; int8 = gr
   one random input, and timed on the calling thread at one TVM thread (median of 7 blocks of 20
   calls, CPU time of the thread, the two builds interleaved block by block), with GMAC/s;
 - whole model: the artifact compiled with the default rules and without `DepthwiseConv`, timed in
-  one fresh process at one thread beside onnxruntime on the same ONNX model (call by call,
-  interleaved, median thread CPU time).
+  a fresh process per thread count beside onnxruntime on the same ONNX model: at 1 thread call by
+  call, interleaved, median thread CPU time; at 2 threads in 0.3 s blocks, median wall time.
 
 The load average is recorded with each figure (the machine is shared). Writes
 benchmarks/results/depthwise.json and depthwise.png.
@@ -37,6 +37,7 @@ from benchmarks.bench_backends import machine
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCKS, CALLS = 7, 20
 MIN_SECONDS, MIN_RUNS = 4.0, 20
+THREADS = (1, 2)
 
 
 def _models() -> dict:
@@ -83,7 +84,8 @@ def per_layer(proto) -> list[dict]:
         for name, with_rule in (("depthwise", True), ("generic", False)):
             module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             with target:
-                rule[name] = next(type(r).__name__ for r in _rules(with_rule) if r.apply(func, target, False) is not None)
+                rule[name] = next(type(r).__name__ for r in _rules(with_rule)
+                                  if r.apply(func, target, False) is not None)
                 module = dlight.ApplyDefaultSchedule(*_rules(with_rule))(module)
             built[name] = (tvm.compile(module, target=target).jit()["main"], [tvm.runtime.tensor(a) for a in arrays])
             built[name][0](*built[name][1])
@@ -98,15 +100,17 @@ def per_layer(proto) -> list[dict]:
         us = {name: float(np.median(t)) for name, t in times.items()}
         rows.append({"function": gvar.name_hint, "calls": len(re.findall(rf"\b{gvar.name_hint}\b,", main)),
                      "output_nhwc": out, "input_dtype": str(func.params[0].dtype), "macs": macs,
-                     "rule": rule["depthwise"], "identical_outputs": bool(np.array_equal(outputs["depthwise"], outputs["generic"])),
+                     "rule": rule["depthwise"],
+                     "identical_outputs": bool(np.array_equal(outputs["depthwise"], outputs["generic"])),
                      "us": us, "gmac_per_s": {k: macs / v / 1e3 for k, v in us.items()},
                      "load_average_1_5_15_min": os.getloadavg()})
     return sorted(rows, key=lambda r: (-r["output_nhwc"][1], r["output_nhwc"][3]))
 
 
-def measure_whole(artifacts: dict) -> dict:
-    """Thread CPU ms of each artifact and of onnxruntime on its ONNX model, interleaved call by call
-    (run in a process started with TVM_NUM_THREADS=1)."""
+def measure_whole(artifacts: dict, threads: int) -> dict:
+    """Each artifact and onnxruntime on its ONNX model at `threads` threads (run in a process started
+    with TVM_NUM_THREADS=threads): at 1 thread call by call, median thread CPU ms; at more, in 0.3 s
+    blocks per runtime (their thread pools spin after a call), median wall ms."""
     import onnxruntime as ort
 
     from graphpress.backends.timing import sample_inputs
@@ -116,21 +120,28 @@ def measure_whole(artifacts: dict) -> dict:
     first = next(iter(models.values()))
     inputs = sample_inputs(first.inputs)
     options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(first.onnx_model_bytes(), options, providers=["CPUExecutionProvider"])
     outputs = {name: m.run(inputs)[m.outputs[0]["name"]] for name, m in models.items()}
     runs = {**{name: (lambda m=m: m.run(inputs)) for name, m in models.items()},
             "onnxruntime": lambda: session.run(None, inputs)}
-    cpu = {name: [] for name in runs}
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    block_seconds = 0.0 if threads == 1 else 0.3
+    samples = {name: [] for name in runs}
     started = time.perf_counter()
-    while len(cpu["onnxruntime"]) < MIN_RUNS or time.perf_counter() - started < MIN_SECONDS:
+    while len(samples["onnxruntime"]) < MIN_RUNS or time.perf_counter() - started < MIN_SECONDS:
         for name, fn in runs.items():
-            c0 = time.thread_time()
-            fn()
-            cpu[name].append((time.thread_time() - c0) * 1e3)
+            block = time.perf_counter()
+            while True:
+                c0 = clock()
+                fn()
+                samples[name].append((clock() - c0) * 1e3)
+                if time.perf_counter() - block >= block_seconds:
+                    break
     reference = next(iter(outputs.values()))
-    return {"thread_cpu_ms": {name: float(np.median(v)) for name, v in cpu.items()},
-            "runs": len(cpu["onnxruntime"]), "load_average_1_5_15_min": os.getloadavg(),
+    return {"threads": threads, "figure": "thread_cpu_ms" if threads == 1 else "wall_ms",
+            "ms": {name: float(np.median(v)) for name, v in samples.items()},
+            "runs": {name: len(v) for name, v in samples.items()}, "load_average_1_5_15_min": os.getloadavg(),
             "max_abs_diff_between_artifacts": max(float(np.abs(o - reference).max()) for o in outputs.values())}
 
 
@@ -147,12 +158,16 @@ def whole_model(proto, workdir: Path) -> dict:
     finally:
         schedules.RULES = default
     code = ("import json, sys; from benchmarks.bench_depthwise import measure_whole; "
-            "print(json.dumps(measure_whole(json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(artifacts)], capture_output=True, text=True,
-                          env={**os.environ, "TVM_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1])
-    if done.returncode:
-        raise RuntimeError(f"timing failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+            "print(json.dumps(measure_whole(json.loads(sys.argv[1]), int(sys.argv[2]))))")
+    results = {}
+    for threads in THREADS:
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(artifacts), str(threads)], capture_output=True,
+                              text=True, env={**os.environ, "TVM_NUM_THREADS": str(threads)},
+                              cwd=Path(__file__).resolve().parents[1])
+        if done.returncode:
+            raise RuntimeError(f"timing at {threads} threads failed: {done.stderr.strip().splitlines()[-1:]}")
+        results[f"t{threads}"] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
 
 
 def plot(report: dict, path: Path) -> None:
@@ -170,9 +185,10 @@ def plot(report: dict, path: Path) -> None:
             ax.bar(x + (i - 0.5) * 0.4, [r["gmac_per_s"][key] for r in rows], 0.4, label=label)
         ax.set_xticks(x, [f"{r['output_nhwc'][1]}x{r['output_nhwc'][2]}x{r['output_nhwc'][3]}"
                           f"{'' if r['rule'] == 'DepthwiseConv' else ' s2'}" for r in rows], rotation=60, fontsize=7)
-        whole = report["models"][variant]["whole_model"]["thread_cpu_ms"]
-        ax.set_title(f"MobileNetV2 {variant}: whole model {whole['generic']:.2f} -> {whole['depthwise']:.2f} ms "
-                     f"(ORT {whole['onnxruntime']:.2f}), load {whole['load_average_1_5_15_min'][0]:.1f}", fontsize=9)
+        whole = report["models"][variant]["whole_model"]["t1"]
+        ms = whole["ms"]
+        ax.set_title(f"MobileNetV2 {variant}: whole model {ms['generic']:.2f} -> {ms['depthwise']:.2f} ms "
+                     f"(ORT {ms['onnxruntime']:.2f}), load {whole['load_average_1_5_15_min'][0]:.1f}", fontsize=9)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("GMAC/s, 1 thread, thread CPU time (higher is better)")
     fig.suptitle(f"depthwise layers: {report['machine']['description']} ({report['machine']['llvm_cpu']})", fontsize=9)
@@ -197,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             report["models"][variant] = {"layers": layers, "whole_model": whole, "depthwise_us_per_inference": {
                 k: sum(r["us"][k] * r["calls"] for r in layers) for k in ("generic", "depthwise")}}
             sums = report["models"][variant]["depthwise_us_per_inference"]
-            print(f"{variant}: depthwise layers {sums['generic']:.0f} -> {sums['depthwise']:.0f} us per inference; "
-                  f"whole model {whole['thread_cpu_ms']['generic']:.3f} -> {whole['thread_cpu_ms']['depthwise']:.3f} ms "
-                  f"(onnxruntime {whole['thread_cpu_ms']['onnxruntime']:.3f}), load {whole['load_average_1_5_15_min'][0]:.1f}")
+            print(f"{variant}: depthwise layers {sums['generic']:.0f} -> {sums['depthwise']:.0f} us per inference "
+                  "(1 thread)")
+            for case in whole.values():
+                ms = case["ms"]
+                print(f"  whole model, {case['threads']} thread(s), {case['figure']}: {ms['generic']:.3f} -> "
+                      f"{ms['depthwise']:.3f} (onnxruntime {ms['onnxruntime']:.3f}), "
+                      f"load {case['load_average_1_5_15_min'][0]:.1f}")
     report["machine"]["load_average_1_5_15_min_at_end"] = os.getloadavg()
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,8 @@ def depthwise_rules(model) -> list[str]:
     with target:
         for gvar, func in prepared.functions_items():
             if isinstance(func, tvm.tirx.PrimFunc) and "group_conv2d" in func.script():
-                names.append(next(type(r).__name__ for r in schedules.RULES if r.apply(func, target, False) is not None))
+                names.append(next(type(r).__name__ for r in schedules.RULES
+                                  if r.apply(func, target, False) is not None))
     return names
 
 
@@ -120,8 +121,10 @@ def qdq_depthwise(kernel: int, weights: np.ndarray, channels=16, size=24):
     nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
              helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd"], ["y"], kernel_shape=[kernel, kernel], pads=[pad] * 4, group=channels)]
-    return make_model(nodes, [tensor("x", 1, channels, size, size)], [tensor("y", 1, channels, size, size)], inits, opset=13)
+             helper.make_node("Conv", ["xd", "wd"], ["y"], kernel_shape=[kernel, kernel], pads=[pad] * 4,
+                              group=channels)]
+    shape = (1, channels, size, size)
+    return make_model(nodes, [tensor("x", *shape)], [tensor("y", *shape)], inits, opset=13)
 
 
 @pytest.mark.parametrize("kernel,full_range,exact", [(3, True, True), (23, False, True), (23, True, False)])
