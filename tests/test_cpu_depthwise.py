@@ -50,10 +50,10 @@ def without_depthwise_rule(monkeypatch):
     monkeypatch.setattr(schedules, "RULES", tuple(r for r in schedules.RULES if not isinstance(r, DepthwiseConv)))
 
 
-def depthwise_rules(model) -> list[str]:
+def depthwise_rules(model, target_name: str = "x86") -> list[str]:
     """The rule that schedules each depthwise function (grouped conv2d, float weights) of `model`."""
     specs, _ = input_specs(model, None, "test")
-    target = targets.resolve("x86").tvm_target()
+    target = targets.resolve(target_name).tvm_target()
     prepared = pipeline.prepare(import_relax(model, specs, "test"), target)
     names = []
     with target:
@@ -64,30 +64,36 @@ def depthwise_rules(model) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("stride,pads,rule", [(1, 1, "DepthwiseConv"), (1, 0, "DepthwiseConv"),
-                                              (2, 1, "TiledReduction")])
+@pytest.mark.parametrize("stride,pads,rule,target_name", [(1, 1, "DepthwiseConv", "x86"), (1, 0, "DepthwiseConv", "x86"),
+                                                          (2, 1, "TiledReduction", "x86"),
+                                                          (1, 1, "DepthwiseConv", "x86-64-v3")])
 @pytest.mark.parametrize("activation", ["int8", "uint8"])
-def test_qdq_depthwise_is_bit_identical_to_the_generic_tile(tmp_path, monkeypatch, stride, pads, rule, activation):
+def test_qdq_depthwise_is_bit_identical_to_the_generic_tile(tmp_path, monkeypatch, stride, pads, rule, target_name,
+                                                            activation):
     """Padding (or none: the window is a copy of the input), stride 2 (left to the generic tile), int8
-    and uint8 activations (the depthwise input arrives as uint8 / int16 / int8), per-channel weights."""
+    activations after ReLU6 (the depthwise input arrives as uint8) and uint8 ones with a zero point
+    (as int16), per-channel weights; AVX-512 (this host) and AVX2."""
     model = depthwise_net(stride=stride, pads=pads, relu6=activation == "int8")
     calibration = [{"x": RNG.standard_normal((1, 8, 14, 14)).astype(np.float32)} for _ in range(8)]
     qdq = quantize_static(model, calibration, tmp_path, activation=activation)
-    assert depthwise_rules(qdq) == [rule]
+    assert depthwise_rules(qdq, target_name) == [rule]
     feeds = {"x": RNG.standard_normal((1, 8, 14, 14)).astype(np.float32)}
-    got, _ = lower_and_run(qdq, feeds)
+    got, _ = lower_and_run(qdq, feeds, target_name)
     reference = onnxruntime_qdq(qdq, feeds, optimized=False)[0]
     assert float(np.abs(got[0] - reference).max()) <= output_step(qdq) * 1.001
     without_depthwise_rule(monkeypatch)
-    generic, _ = lower_and_run(qdq, feeds)
+    generic, _ = lower_and_run(qdq, feeds, target_name)
     np.testing.assert_array_equal(got[0], generic[0])
 
 
-@pytest.mark.parametrize("channels,size,batch", [(48, 14, 1), (32, 28, 2), (24, 7, 1)])
-def test_float_depthwise_matches_onnxruntime(channels, size, batch):
+@pytest.mark.parametrize("channels,size,batch,target_name", [(48, 14, 1, "x86"), (32, 28, 2, "x86"), (24, 7, 1, "x86"),
+                                                             (48, 14, 1, "x86-64-v3"), (24, 28, 1, "x86-64-v3")])
+def test_float_depthwise_matches_onnxruntime(channels, size, batch, target_name):
+    """AVX-512 (this host) and AVX2 (16 registers: narrower tiles)."""
     model = depthwise_net(channels=channels, size=size, batch=batch)
-    assert depthwise_rules(model) == ["DepthwiseConv"]
-    assert_matches_onnxruntime(model, {"x": RNG.standard_normal((batch, 8, size, size)).astype(np.float32)})
+    assert depthwise_rules(model, target_name) == ["DepthwiseConv"]
+    assert_matches_onnxruntime(model, {"x": RNG.standard_normal((batch, 8, size, size)).astype(np.float32)},
+                               target_name=target_name)
 
 
 def test_register_tile_leaves_room_for_a_kernel_row():
