@@ -19,9 +19,10 @@ tile fills all of them with accumulators, and LLVM spilled).
 Exactness: the staged buffer holds float32(x) for integer x of at most 16 bits, which float32
 represents exactly, so reading it back equals the converted load it replaces.
 
-Measured (`benchmarks/bench_depthwise.py`, Intel Xeon AVX-512, 1 thread, thread CPU time, load ~8):
-MobileNetV2 int8's thirteen stride-1 depthwise layers 22-30 -> 35-44 GMAC/s, all seventeen 892 ->
-609 us per inference, the whole int8 model 3.22 -> 3.01 ms; float ones 17-42 -> 18-54 GMAC/s.
+Measured (`benchmarks/bench_depthwise.py`, Intel Xeon AVX-512, 1 thread, thread CPU time, load ~6):
+MobileNetV2 int8's thirteen stride-1 depthwise layers 22-30 -> 35-43 GMAC/s, all seventeen 877 ->
+603 us per inference, the whole int8 model 3.17 -> 2.97 ms; float ones 18-40 -> 20-53 GMAC/s. At
+batch 32 the int8 stride-1 layers take 21.2 instead of 32.5 ms.
 Only stride 1 (and dilation 1) is taken: a stride-2 output reads a new 2x2 block of inputs, so the
 staged window saves little over converting per load, and measured no faster (20-23 vs 24-32 GMAC/s).
 """
