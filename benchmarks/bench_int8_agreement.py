@@ -1,12 +1,15 @@
 """graphpress' int8 TVM artifacts against onnxruntime running the same QDQ model: end to end, per
 quantized activation, and how far one rounding tie moves the output.
 
-    .venv/bin/python -m benchmarks.bench_int8_agreement                  # resnet8, mobilenet_v2, minilm; ~5 min
+    .venv/bin/python -m benchmarks.bench_int8_agreement                  # all four; ~10 min
     .venv/bin/python -m benchmarks.bench_int8_agreement --models minilm --samples 50
 
 The int8 models are bench_cpu's (static batch 1, `fold`, graphpress insert-qdq calibrated on 32 samples
 of realdata's calibration split; MiniLM: its MatMuls and embedding Gathers, sentences padded to 128
-tokens), compiled for this machine (`x86`), run on held-out samples (none among the calibration indices):
+tokens), and `minilm-headline`: the headline MiniLM's quantization stages on the same static model and
+calibration (SmoothQuant, GPTQ weights, 95% of them 4-bit; the activations of all but two MatMuls
+stay float). Each is compiled for this machine (`x86`) and run on held-out samples (none among the
+calibration indices):
 
 1. end to end: per sample, max |artifact - onnxruntime| against onnxruntime with graph optimizations off
    (ONNX's float semantics on the dequantized values, the reference) and on (its fused int8 kernels),
@@ -38,14 +41,18 @@ from tqdm import tqdm
 
 from benchmarks import realdata
 from benchmarks.bench_backends import machine
-from benchmarks.bench_cpu import SEQUENCE, compiled, quantized, static_model
+from benchmarks.bench_cpu import QDQ_PIPELINE, SEQUENCE, calibration, compiled, quantized, static_model
 from graphpress.ir.execute import session
 from graphpress.quant import agreement
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ["resnet8", "mobilenet_v2", "minilm"]
+MODELS = ["resnet8", "mobilenet_v2", "minilm", "minilm-headline"]
 #: samples (MiniLM: STS-B pairs) per model for the end-to-end comparison
-SAMPLES = {"resnet8": 1000, "mobilenet_v2": 400, "minilm": 300}
+SAMPLES = {"resnet8": 1000, "mobilenet_v2": 400, "minilm": 300, "minilm-headline": 300}
+#: minilm-headline: the quantization stages of the headline MiniLM (results/headline.json) on bench_cpu's
+#: static model and calibration: SmoothQuant, 4-bit GPTQ weights, no activation x activation quantization
+HEADLINE_PIPELINE = ("svd-split(energy=0.95,method=plain),smooth-quant(alpha=0.75),insert-qdq(ops=[MatMul,Gather],"
+                     "activation-matmul=false,outputs=false,rounding=gptq,int4-share=0.95,sensitivity-batches=6),compact")
 SEGMENT_SAMPLES, SENSITIVITY_TENSORS, SENSITIVITY_TRIALS = 3, 4, 10
 QUANTILES = (50, 90, 99, 100)
 
@@ -53,8 +60,8 @@ QUANTILES = (50, 90, 99, 100)
 def held_out(key: str, count: int) -> tuple[list[dict], np.ndarray]:
     """Up to `count` held-out samples as batch-1 feeds, and their labels (MiniLM: sentences a and b of
     each pair, in turn, padded to SEQUENCE tokens, and the pairs' scores)."""
-    skip = set(realdata.calibration_indices(key).tolist())
-    if key == "minilm":
+    skip = set(realdata.calibration_indices(_data(key)).tolist())
+    if _data(key) == "minilm":
         data = realdata._stsb()
         pairs = [i for i in range(len(data["score"])) if i not in skip][:count]
         padding = [(0, 0), (0, SEQUENCE - data["input_ids_a"].shape[1])]
@@ -87,7 +94,7 @@ def end_to_end(key: str, outputs: dict, feeds: list[dict], labels: np.ndarray) -
     """The comparisons of section 1 over the outputs {runner: [one array per feed]}."""
     pairs = (("artifact", "ort_reference"), ("artifact", "ort_optimized"), ("ort_optimized", "ort_reference"))
     result = {"samples": len(feeds), "max_abs_output": float(max(np.abs(o).max() for o in outputs["ort_reference"]))}
-    if key != "minilm":
+    if _data(key) != "minilm":
         top = {name: np.array([o.argmax() for o in outs]) for name, outs in outputs.items()}
         offset = 1 if key.startswith("mobilenet") else 0  # class 0 is "background"
         result["top1"] = {name: float(np.mean(t - offset == labels)) for name, t in top.items()}
@@ -192,7 +199,7 @@ def sensitivity(key: str, proto: onnx.ModelProto, feed: dict, rng: np.random.Gen
     """Section 3: onnxruntime (optimizations off) on the model cut at one quantized activation at a time,
     fed onnxruntime's own value there with one element one step off; the rest of the model as it is."""
     values = agreement.reference_values(proto, feed)
-    real = int(feed["attention_mask"].sum()) if key == "minilm" else None
+    real = int(feed["attention_mask"].sum()) if _data(key) == "minilm" else None
     quantized = [n.output[0] for n in agreement.activation_quantizers(proto)]
     result = {}
     for name in [quantized[int(i)] for i in np.linspace(0, len(quantized) - 1, SENSITIVITY_TENSORS)]:
@@ -213,15 +220,32 @@ def sensitivity(key: str, proto: onnx.ModelProto, feed: dict, rng: np.random.Gen
     return result
 
 
+def _data(key: str) -> str:
+    """The realdata model whose samples `key` runs on."""
+    return "minilm" if key == "minilm-headline" else key
+
+
+def int8_model(key: str) -> tuple[onnx.ModelProto, str]:
+    """The QDQ model for `key` and the graphpress pipeline that made it from bench_cpu's static model."""
+    if key != "minilm-headline":
+        return quantized(key, static_model(key, 1), 1), QDQ_PIPELINE.get(key, "insert-qdq(method=minmax)")
+    from graphpress.ir import load
+    from graphpress.passes import PassManager
+
+    float_model = static_model("minilm", 1)
+    result = PassManager(HEADLINE_PIPELINE).run(load(float_model), calibration=calibration("minilm", float_model, 1))
+    return getattr(result, "model", result).to_onnx(), HEADLINE_PIPELINE
+
+
 def bench_model(key: str, samples: int, workdir: Path, bar: tqdm) -> dict:
     bar.set_postfix_str(f"{key}: quantizing, compiling")
-    proto = quantized(key, static_model(key, 1), 1)
+    proto, pipeline = int8_model(key)
     artifact, compile_info = compiled(proto, workdir / key)
     feeds, labels = held_out(key, samples)
     run = runners(proto, artifact)
     bar.set_postfix_str(f"{key}: {len(feeds)} samples")
     outputs = {name: [fn(feed) for feed in feeds] for name, fn in run.items()}
-    row = {"model": key, "int8_pipeline": "bench_cpu.quantized (batch 1)", **compile_info,
+    row = {"model": key, "int8_pipeline": pipeline, **compile_info,
            "end_to_end": end_to_end(key, outputs, feeds, labels)}
     bar.set_postfix_str(f"{key}: per segment")
     row["per_segment"] = per_segment(proto, feeds[:SEGMENT_SAMPLES], workdir / f"{key}-forced")
@@ -236,7 +260,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["models"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     series = [("artifact_vs_ort_reference", "artifact vs ORT (optimizations off)"),
               ("ort_optimized_vs_ort_reference", "ORT optimized vs ORT (optimizations off)")]
     x = np.arange(len(rows))
@@ -249,7 +273,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(x, [r["model"] for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("max |difference| of the output (MiniLM: real tokens)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.set_title(f"int8 artifacts vs onnxruntime on held-out samples; {report['machine']['description']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
