@@ -112,17 +112,23 @@ def _minilm_feed(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # ---- calibration --------------------------------------------------------------------------------------
+#: per model: (samples, first calibration index, step) of MODELS.md's calibration split
+_SPLITS = {"mobilenet_v2": (1000, 5, 10), "mobilenet_v1": (1000, 5, 10), "resnet8": (2000, 1, 20),
+           "lenet": (10000, 3, 100), "minilm": (1379, 0, 13)}
+
+
 def calibration_indices(key: str, n: int = 100) -> np.ndarray:
-    """Indices of the calibration samples (MODELS.md's split)."""
-    if key in ("mobilenet_v2", "mobilenet_v1"):
-        return np.arange(5, 1000, 10)[:n]
-    if key == "resnet8":
-        return np.arange(1, 2000, 20)[:n]
-    if key == "lenet":
-        return np.arange(3, 10000, 100)[:n]
-    if key == "minilm":
-        return np.arange(0, 1379, 13)[:n]
-    raise KeyError(key)
+    """Indices of `n` calibration samples (MODELS.md's split: every `step`-th from `first`). Where that
+    split holds fewer than `n`, the standard samples come first, then those shifted by a divisor of the
+    step, one shift at a time over the whole range (ResNet-8, n=400: every 5th CIFAR image from index 1;
+    ImageNet, n=200: every 10th from 5 and every 10th from 7), so a larger set contains the standard one."""
+    if key not in _SPLITS:
+        raise KeyError(key)
+    total, first, step = _SPLITS[key]
+    every = next((d for d in range(step, 0, -1) if step % d == 0 and len(range(first, total, d)) >= n), 1)
+    candidates = np.arange(first, total, every)
+    shift = (candidates - first) % step
+    return np.sort(candidates[np.lexsort((candidates, shift))][:n])
 
 
 def calibration_batches(key: str, n: int = 100, batch_size: int = 1) -> list[dict[str, np.ndarray]]:

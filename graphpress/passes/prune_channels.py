@@ -16,9 +16,10 @@ from ..errors import GraphpressError
 from ..ir import Model, infer_shapes
 from ..ir.cost import macs, tensor_shapes
 from ..pruning.apply import apply_plan
+from ..pruning.augment import augmented, copies
 from ..pruning.groups import ChannelGraph, analyze
 from ..pruning.importance import channel_scores
-from ..pruning.obs import eliminate
+from ..pruning.obs import ROWS_PER_BATCH, eliminate
 from ..pruning.plan import CostModel, ratios_by_error, ratios_for_target, select, uniform_ratios
 from ..pruning.reconstruct import ancestors, refit_layers
 from ..pruning.report import build_report
@@ -53,6 +54,10 @@ class PruneChannels(Pass):
                                                # residual streams, not linear bottlenecks, whose channels are
                                                # each needed; MobileNetV2's expanded channels, a ResNet block's
                                                # inner ones)
+    augment: list[str] = ()                    # also calibrate on mirrored ('flip') and 2-pixel shifted
+                                               # ('shift') copies of the calibration images: more rows for
+                                               # the selection and the re-fits, which overfit few images
+                                               # (rows sampled per batch grow with the copies)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         shapes = tensor_shapes(infer_shapes(model))
@@ -63,15 +68,20 @@ class PruneChannels(Pass):
                     group.frozen = "a residual stream (scope=blocks)"
                 elif not group.activated:
                     group.frozen = "a linear bottleneck: no activation between its layers (scope=blocks)"
-        calibration = ctx.calibration
+        calibration, per_image = ctx.calibration, copies(list(self.augment))
+        if self.augment:
+            if calibration is None:
+                raise GraphpressError("prune-channels: augment needs calibration data")
+            calibration = augmented(model, calibration, list(self.augment))
         refits = curves = None
         if self.criterion == "reconstruction" and calibration is not None:
-            elimination = eliminate(model, cg, calibration, steps_for(cg, self.round_to) if self.sensitivity else None)
+            elimination = eliminate(model, cg, calibration, steps_for(cg, self.round_to) if self.sensitivity else None,
+                                    ROWS_PER_BATCH * per_image)
             scores, refits, curves = elimination.scores, elimination.refits, elimination.curves
         else:
             scores = channel_scores(model, cg, self.criterion, calibration)
         costs = CostModel(model, cg, shapes, model.parameter_count(), macs(model).total)
-        ratios = self._ratios(model, cg, scores, costs, ctx, refits, curves)
+        ratios = self._ratios(model, cg, scores, costs, calibration, refits, curves)
         plan = select(cg, scores, ratios, self.round_to)
         report = build_report(cg, costs, plan)
         ctx.reports[self.name] = report
@@ -86,7 +96,8 @@ class PruneChannels(Pass):
             refit = self._refitted_layers(cg, masks)
             out_masks = {layer.node.name: masks[layer.out_space] for layer in cg.layers
                          if layer.out_space is not None and not masks[layer.out_space].all()}
-            report.reconstruction = refit_layers(original, model, refit, calibration, out_masks, self.ridge)
+            report.reconstruction = refit_layers(original, model, refit, calibration, out_masks, self.ridge,
+                                                 ROWS_PER_BATCH * per_image)
         elif self.reconstruct:
             ctx.log.info("prune-channels: no calibration data, so no reconstruction")
         after = macs(model).total
@@ -105,7 +116,7 @@ class PruneChannels(Pass):
         return [layer.node.name for layer in cg.layers if id(layer.node) in reading or ancestors(layer.node) & pruned]
 
     def _ratios(self, model: Model, cg: ChannelGraph, scores: np.ndarray, costs: CostModel,
-                ctx: PassContext, refits=None, curves=None) -> dict[int, float]:
+                calibration=None, refits=None, curves=None) -> dict[int, float]:
         base = _layer_ratios(cg, self.layer_ratios)
         targets = [(metric, value) for metric, value in (("macs", self.target_macs), ("params", self.target_params))
                    if value is not None]
@@ -123,11 +134,10 @@ class PruneChannels(Pass):
             metric, value = targets[0]
             return ratios_by_error(cg, scores, costs, metric, value, curves, self.round_to, base)
         if self.sensitivity:
-            if not targets or ctx.calibration is None:
+            if not targets or calibration is None:
                 raise GraphpressError("prune-channels: sensitivity=true needs a target and calibration data")
             metric, value = targets[0]
-            return sensitivity_ratios(model, cg, scores, costs, metric, value, ctx.calibration, self.round_to,
-                                      refits)
+            return sensitivity_ratios(model, cg, scores, costs, metric, value, calibration, self.round_to, refits)
         if targets:
             metric, value = targets[0]
             return ratios_for_target(cg, scores, costs, metric, value, self.round_to, base)

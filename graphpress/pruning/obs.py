@@ -31,7 +31,8 @@ from .reconstruct import LAYERS, MIN_ROWS_PER_UNKNOWN
 MAX_DIM = 4096
 #: share of a group's channels ordered (the rest keep the highest scores)
 MAX_SHARE = 0.95
-#: rows sampled per calibration batch and consumer
+#: rows sampled per calibration batch and consumer (per batch of the caller's data: augmented batches,
+#: which hold copies of every image, get this many per copy)
 ROWS_PER_BATCH = 2048
 #: ridge added to A, relative to its mean diagonal
 RIDGE = 1e-3
@@ -110,10 +111,10 @@ def reconstruction_scores(model: Model, cg: ChannelGraph, calibration: Iterable[
 
 
 def eliminate(model: Model, cg: ChannelGraph, calibration: Iterable[dict],
-              snapshots: dict[int, list[int]] | None = None) -> Elimination:
+              snapshots: dict[int, list[int]] | None = None, rows_per_batch: int = ROWS_PER_BATCH) -> Elimination:
     """Order every prunable group's channels, with the error curves and, for every k in `snapshots[g]`,
     the consumers' re-fitted weights of group g after removing k channels (what the sensitivity scan runs)."""
-    consumers = _consumers(model, cg, calibration)
+    consumers = _consumers(model, cg, calibration, rows_per_batch)
     result = Elimination(np.zeros(cg.total), {}, {})
     for group in cg.prunable():
         mine = [c.for_group(group) for c in consumers if c.member.space in group.spaces]
@@ -160,7 +161,7 @@ def _group_costs(consumers: list[_Consumer], position: dict[int, int], size: int
     return cost
 
 
-def _consumers(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> list[_Consumer]:
+def _consumers(model: Model, cg: ChannelGraph, calibration: Iterable[dict], rows_per_batch: int) -> list[_Consumer]:
     """Every re-fittable consumer of a prunable group, with A^-1 from the calibration data."""
     prunable_spaces = {s for g in cg.prunable() for s in g.spaces}
     members = []
@@ -179,7 +180,7 @@ def _consumers(model: Model, cg: ChannelGraph, calibration: Iterable[dict]) -> l
     for values in activation_batches(model, names, calibration, progress="channel selection"):
         for m in members:
             layer, x = LAYERS[m.node.op], values[m.node.inputs[0].name]
-            pick = np.sort(rng.choice(layer.count(m.node, x), size=min(ROWS_PER_BATCH, layer.count(m.node, x)),
+            pick = np.sort(rng.choice(layer.count(m.node, x), size=min(rows_per_batch, layer.count(m.node, x)),
                                       replace=False))
             rows = layer.features(m.node, x, pick).astype(np.float32)
             grams[id(m)] += rows.T @ rows if id(m) in dense else (rows * rows).sum(axis=0)
