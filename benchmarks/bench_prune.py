@@ -20,8 +20,9 @@ ImageNet image from index 5, every 100th MNIST digit from index 3; `--calibratio
 other samples only: a re-fit fitted on an image reproduces the original model there better than elsewhere
 (MobileNetV2: 0.683 on all 1000 images vs 0.663 on the 900 others). `metric_all_samples` keeps the
 earlier protocol's figure (calibration samples included) for comparison.
-Latency: onnxruntime, all graph optimizations, one thread, batch 1, median of interleaved rounds of the
-original and the pruned model (the 1-minute load average is recorded beside it).
+Latency: onnxruntime, all graph optimizations, one thread, batch 1, median thread CPU time (and wall time)
+of interleaved rounds of the original and the pruned model; `speedup` is the thread CPU ratio (the
+1-minute load average is recorded beside it).
 
     .venv/bin/python -m benchmarks.bench_prune [--models resnet8,lenet] [--quick]
 
@@ -36,6 +37,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from benchmarks import realdata
 from benchmarks.bench_svd import latency_ms
@@ -75,7 +77,9 @@ def _samples(method: str, default: int) -> int:
     return int(method.rpartition("@")[2]) if "@" in method else default
 
 
-def run_case(key: str, quick: bool, methods: list[str], samples: int | None = None) -> dict:
+def run_case(key: str, quick: bool, methods: list[str], samples: int | None = None,
+             save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every target x method of one model; `save(result)` after each run (a long run is never lost)."""
     case = CASES[key]
     base = ir.load(realdata.model_path(key))
     count, batch = case["calibration"]
@@ -113,11 +117,13 @@ def run_case(key: str, quick: bool, methods: list[str], samples: int | None = No
                    "metric": metric, "float_metric": float_metric(n),
                    "metric_drop_points": 100 * (float_metric(n) - metric),
                    "metric_all_samples": realdata.evaluate(key, pruned, limit=limit),
-                   "prune_seconds": seconds, "latency_ms": pruned_ms, "original_latency_ms": original_ms,
-                   "speedup": original_ms / pruned_ms, "loadavg_1min": os.getloadavg()[0]}
+                   "prune_seconds": seconds, "latency_cpu_ms": pruned_ms["cpu_ms"],
+                   "original_latency_cpu_ms": original_ms["cpu_ms"], "latency_wall_ms": pruned_ms["wall_ms"],
+                   "original_latency_wall_ms": original_ms["wall_ms"],
+                   "speedup": original_ms["cpu_ms"] / pruned_ms["cpu_ms"], "loadavg_1min": os.getloadavg()[0]}
             print(json.dumps({"model": key, **run}), flush=True)
             result["runs"].append(run)
-    _set_goal(key, result)
+            save(result)
     return result
 
 
@@ -134,8 +140,10 @@ def _set_goal(key: str, result: dict) -> None:
     if key not in GOALS:
         return
     share, points = GOALS[key]
-    best = min((r for r in result["runs"] if r["target_macs"] == share and r["metric"] is not None),
-               key=lambda r: r["metric_drop_points"])
+    at_goal = [r for r in result["runs"] if r["target_macs"] == share and r["metric"] is not None]
+    if not at_goal:
+        return
+    best = min(at_goal, key=lambda r: r["metric_drop_points"])
     result["goal"] = {"macs_kept": share, "max_drop_points": 100 * points, "best_method": best["method"],
                       "best_drop_points": best["metric_drop_points"], "met": best["metric_drop_points"] <= 100 * points}
 
@@ -179,19 +187,24 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     for key in args.models.split(","):
-        result = {"machine": realdata.machine(), **run_case(key, args.quick, methods, args.calibration)}
         path = RESULTS / f"prune_{key}.json"
-        if path.exists() and set(methods) != set(METHODS):
-            kept = [_earlier(r) for r in json.loads(path.read_text())["runs"]
-                    if r["method"] not in methods]  # measured by an earlier invocation (maybe another host/load)
-            order = list(METHODS)
-            result["runs"] = sorted(kept + result["runs"], key=lambda r: (-r["target_macs"], order.index(r["method"])))
-            _set_goal(key, result)
-        path.write_text(json.dumps(result, indent=1))
+        run_case(key, args.quick, methods, args.calibration, lambda result: _save(path, result, methods))
     combined = {key: json.loads((RESULTS / f"prune_{key}.json").read_text())
                 for key in CASES if (RESULTS / f"prune_{key}.json").exists()}
     (RESULTS / "prune.json").write_text(json.dumps(combined, indent=1))
     plot(combined, RESULTS / "prune.png")
+
+
+def _save(path: Path, result: dict, methods: list[str]) -> None:
+    """Write one model's results: this invocation's runs, and the file's runs of other methods (from
+    earlier invocations, maybe on another host or load, or from one running beside this one)."""
+    earlier = json.loads(path.read_text())["runs"] if path.exists() else []
+    kept = [_earlier(r) for r in earlier if r["method"] not in methods]
+    order = list(METHODS)
+    runs = sorted(kept + result["runs"], key=lambda r: (-r["target_macs"], order.index(r["method"])))
+    result = {"machine": realdata.machine(), **result, "runs": runs}
+    _set_goal(path.stem.removeprefix("prune_"), result)
+    path.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
