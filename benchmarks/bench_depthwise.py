@@ -99,7 +99,8 @@ def per_layer(proto) -> list[dict]:
         macs = int(np.prod(out)) * weight[0] * weight[1]
         us = {name: float(np.median(t)) for name, t in times.items()}
         rows.append({"function": gvar.name_hint, "calls": len(re.findall(rf"\b{gvar.name_hint}\b,", main)),
-                     "output_nhwc": out, "input_dtype": str(func.params[0].dtype), "macs": macs,
+                     "output_nhwc": out, "stride": int(func.params[0].shape[1]) // out[1],
+                     "input_dtype": str(func.params[0].dtype), "macs": macs,
                      "rule": rule["depthwise"],
                      "identical_outputs": bool(np.array_equal(outputs["depthwise"], outputs["generic"])),
                      "us": us, "gmac_per_s": {k: macs / v / 1e3 for k, v in us.items()},
@@ -183,8 +184,8 @@ def plot(report: dict, path: Path) -> None:
         x = np.arange(len(rows))
         for i, (key, label) in enumerate((("generic", "TiledReduction"), ("depthwise", "DepthwiseConv"))):
             ax.bar(x + (i - 0.5) * 0.4, [r["gmac_per_s"][key] for r in rows], 0.4, label=label)
-        ax.set_xticks(x, [f"{r['output_nhwc'][1]}x{r['output_nhwc'][2]}x{r['output_nhwc'][3]}"
-                          f"{'' if r['rule'] == 'DepthwiseConv' else ' s2'}" for r in rows], rotation=60, fontsize=7)
+        ax.set_xticks(x, [f"{r['output_nhwc'][1]}x{r['output_nhwc'][2]}x{r['output_nhwc'][3]} s{r['stride']}"
+                          for r in rows], rotation=60, fontsize=7)
         whole = report["models"][variant]["whole_model"]["t1"]
         ms = whole["ms"]
         ax.set_title(f"MobileNetV2 {variant}: whole model {ms['generic']:.2f} -> {ms['depthwise']:.2f} ms "

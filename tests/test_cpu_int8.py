@@ -135,7 +135,7 @@ def test_qdq_conv_chain_runs_in_integer_arithmetic_within_one_step(tmp_path, tar
     assert assert_int8_matches(qdq, feeds, target_name) >= 0.99
     got, rules = lower_and_run(qdq, feeds, target_name)
     conv_rules = sorted(rule for name, rule in rules.items() if "conv2d" in name)
-    assert conv_rules == ["TiledPairs"] * 3 + ["TiledReduction"]  # packed kernels; the depthwise conv has none
+    assert conv_rules == ["DepthwiseConv"] + ["TiledPairs"] * 3  # packed kernels; the depthwise conv its own
     fused = onnxruntime_qdq(qdq, feeds, optimized=True)[0]  # QLinearConv: integer-exact on this graph
     assert float(np.abs(got[0] - fused).max()) <= output_step(qdq) * 1.001
 

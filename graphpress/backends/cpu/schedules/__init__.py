@@ -5,9 +5,9 @@
   of (second-innermost x vector-of-innermost) accumulators, vectorized and unrolled, reduction loops
   around it, parallel outer loops, and the fused epilogue (bias, activation, residual) computed per
   tile while it is still in registers.
-- `DepthwiseConv`: stride-1 depthwise convolutions: the padded input window staged per block of
-  outputs (converted once to float32 for int8 models), a register tile that leaves room for one
-  kernel row of weights (see `.depthwise`); strided ones take `TiledReduction`.
+- `DepthwiseConv`: depthwise convolutions: the same kind of tile, but sized to leave registers for
+  one kernel row of weights, with the kernel columns unrolled inside the pixels so that neighbouring
+  pixels share their input loads and int8 conversions (see `.depthwise`).
 - `TiledPairs`: the same tile for int16 convolutions with channel-pair packed weights, tensorized
   with x86 `vpmaddwd` (see `..pairs`).
 - `RowReduction`: the other reductions (softmax, layer norm, mean along the innermost axis):
