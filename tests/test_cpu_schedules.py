@@ -190,6 +190,18 @@ def test_long_reduction_matmul_splits_the_reduction():
     assert "T.int64(256)" in script  # the reduction block length
 
 
+def test_reduction_blocks_over_large_weights_stream_every_pixel_past_each_weight_block():
+    """4 MB of weights (past `LARGE_WEIGHT_BYTES`) on 256 rows x K=1024 (blocked reduction): the
+    weight block loop goes outside the rows, accumulating in the output across reduction blocks."""
+    from graphpress.backends.cpu.schedules.tiled import LARGE_WEIGHT_BYTES
+
+    assert 1024 * 1024 * 4 >= LARGE_WEIGHT_BYTES
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    model = make_model(nodes, [tensor("x", 1, 256, 1024)], [tensor("y", 1, 256, 1024)], [weight("w", 1024, 1024, scale=0.03)])
+    rules = assert_matches_onnxruntime(model, {"x": RNG.standard_normal((1, 256, 1024)).astype(np.float32)})
+    assert [r for n, r in rules.items() if "matmul" in n] == ["TiledReduction"], rules
+
+
 def test_aarch64_target_lowers_with_neon_vectors():
     """Schedules are parameterized by the target: NEON (4 lanes) lowers and builds for aarch64."""
     from tvm import relax
