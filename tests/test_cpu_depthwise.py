@@ -22,7 +22,7 @@ from graphpress.backends.cpu import pipeline, schedules  # noqa: E402
 from graphpress.backends.cpu.schedules.depthwise import DepthwiseConv, block_rows, register_tile  # noqa: E402
 from graphpress.backends.tvm_compile import import_relax, input_specs  # noqa: E402
 import test_backend_cross as cross  # noqa: E402
-from test_cpu_int8 import onnxruntime_qdq, output_step, quantize_static  # noqa: E402
+from test_cpu_int8 import SHARED, onnxruntime_qdq, output_step, quantize_static  # noqa: E402
 from test_cpu_schedules import assert_matches_onnxruntime, lower_and_run, make_model, tensor, weight  # noqa: E402
 
 RNG = np.random.default_rng(3)
@@ -149,3 +149,20 @@ def test_depthwise_float_accumulation_only_where_exact(caplog, kernel, full_rang
     assert ("may exceed 2^24" in caplog.text) is not exact
     want = onnxruntime_qdq(model, feeds, optimized=False)[0]
     np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "models" / "mobilenet_v2_1.0_224.onnx").is_file(), reason="../shared/models absent")
+def test_mobilenet_v2_int8_depthwise_layers_are_bit_identical_to_the_generic_tile(tmp_path, monkeypatch):
+    """The real model (onnxruntime's QDQ quantization): all seventeen depthwise layers take the rule, and
+    the whole int8 network's output equals the one built without it, bit for bit."""
+    model = onnx.load(str(SHARED / "models" / "mobilenet_v2_1.0_224.onnx"))
+    calibration = [{"input_f": RNG.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)} for _ in range(4)]
+    qdq = quantize_static(model, calibration, tmp_path)
+    rules = depthwise_rules(qdq)  # layers of equal shapes share a function: 10 functions for 17 layers
+    assert rules == ["DepthwiseConv"] * 10, rules
+    feeds = {"input_f": RNG.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)}
+    got, _ = lower_and_run(qdq, feeds)
+    without_depthwise_rule(monkeypatch)
+    generic, _ = lower_and_run(qdq, feeds)
+    np.testing.assert_array_equal(got[0], generic[0])
