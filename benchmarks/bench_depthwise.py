@@ -5,8 +5,9 @@
 The float and int8 MobileNetV2 of `bench_cpu` (static batch 1, folded; int8 = graphpress
 `insert-qdq(method=minmax)` on 32 calibration images) go through graphpress' CPU lowering. Then:
 
-- per layer: every depthwise PrimFunc is built twice, scheduled by `DepthwiseConv` (the default
-  rules) and by the rules without it (`TiledReduction` takes it), checked for identical outputs on
+- per layer (for the host target, and for AVX2 code, `x86-64-v3`, which runs here too): every
+  depthwise PrimFunc is built twice, scheduled by `DepthwiseConv` (the default rules) and by the
+  rules without it (`TiledReduction` takes it), checked for identical outputs on
   one random input, and timed on the calling thread at one TVM thread (median of 7 blocks of 20
   calls, CPU time of the thread, the two builds interleaved block by block), with GMAC/s;
 - whole model: the artifact compiled with the default rules and without `DepthwiseConv`, timed in
@@ -60,8 +61,9 @@ def _thread_time(fn, args) -> float:
     return (time.thread_time() - start) / CALLS * 1e6
 
 
-def per_layer(proto) -> list[dict]:
-    """Every depthwise function of `proto`'s lowered module, timed under both schedules (us)."""
+def per_layer(proto, target_name: str = "x86") -> list[dict]:
+    """Every depthwise function of `proto`'s lowered module for `target_name`, timed under both
+    schedules (us); a target this CPU can run (x86-64-v3: AVX2 code, 16 vector registers)."""
     import tvm
     from tvm.s_tir import dlight
 
@@ -70,7 +72,7 @@ def per_layer(proto) -> list[dict]:
     from graphpress.backends.tvm_compile import import_relax, input_specs
 
     specs, _ = input_specs(proto, None, "bench")
-    target = targets.resolve("x86").tvm_target()
+    target = targets.resolve(target_name).tvm_target()
     prepared = pipeline.prepare(import_relax(proto, specs, "bench"), target)
     main = prepared["main"].script()
     rng = np.random.default_rng(0)
@@ -200,6 +202,8 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=RESULTS / "depthwise.json")
+    parser.add_argument("--layer-targets", nargs="*", default=["x86-64-v3"],
+                        help="also time the layers compiled for these targets (per layer only)")
     args = parser.parse_args(argv)
     if not realdata.available():
         print(realdata.skip_reason())
@@ -211,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         for variant, proto in _models().items():
             layers = per_layer(proto)
             whole = whole_model(proto, Path(tmp) / variant)
-            report["models"][variant] = {"layers": layers, "whole_model": whole, "depthwise_us_per_inference": {
-                k: sum(r["us"][k] * r["calls"] for r in layers) for k in ("generic", "depthwise")}}
-            sums = report["models"][variant]["depthwise_us_per_inference"]
-            print(f"{variant}: depthwise layers {sums['generic']:.0f} -> {sums['depthwise']:.0f} us per inference "
-                  "(1 thread)")
+            other = {name: per_layer(proto, name) for name in args.layer_targets}
+            sums = {name: {k: sum(r["us"][k] * r["calls"] for r in rows) for k in ("generic", "depthwise")}
+                    for name, rows in {"x86": layers, **other}.items()}
+            report["models"][variant] = {"layers": layers, "whole_model": whole, "layers_for_other_targets": other,
+                                         "depthwise_us_per_inference": sums}
+            for name, sums in report["models"][variant]["depthwise_us_per_inference"].items():
+                print(f"{variant}: depthwise layers for {name}: {sums['generic']:.0f} -> {sums['depthwise']:.0f} us "
+                      "per inference (1 thread)")
             for case in whole.values():
                 ms = case["ms"]
                 print(f"  whole model, {case['threads']} thread(s), {case['figure']}: {ms['generic']:.3f} -> "

@@ -6,7 +6,7 @@ channel vectors holding as many accumulators as there are registers, the kernel 
 loops around it. Every tap then loads and, for int8 models (`..int8`: the input stays one byte per
 element between layers; the integer products and their float32 sums are exact), converts and
 bounds-checks its input vector anew: nine loads and conversions per output vector for a 3x3 kernel.
-MobileNetV2's seventeen int8 depthwise layers ran at 22-29 GMAC/s that way (28% of its int8 time).
+MobileNetV2's seventeen int8 depthwise layers ran at 22-33 GMAC/s that way (28% of its int8 time).
 
 Here the loops run kernel row | output pixel (unrolled) | kernel column (unrolled) | channel vector,
 so the taps of one pixel and of its neighbour read the same input columns within one unrolled
@@ -21,8 +21,9 @@ once) measured no faster for int8 and slower for float (the copy's stores and re
 conversions saved), so the padding stays inlined as a guarded load.
 
 Measured (`benchmarks/bench_depthwise.py`, Intel Xeon AVX-512, 1 thread, thread CPU time, load ~7):
-MobileNetV2 int8's seventeen depthwise layers 22-29 -> 29-43 GMAC/s, 887 -> 574 us per inference
-(whole model 3.16 -> 2.89 ms); float 7-34 -> 9-78 GMAC/s, 1187 -> 773 us (5.51 -> 5.16 ms).
+MobileNetV2 int8's seventeen depthwise layers 22-33 -> 31-43 GMAC/s, 878 -> 567 us per inference
+(whole model 3.14 -> 2.88 ms); float 7-47 -> 9-81 GMAC/s, 1152 -> 766 us (5.23 -> 4.84 ms). The
+same layers compiled for AVX2 (x86-64-v3, 16 registers): int8 1699 -> 1092 us, float 1705 -> 1300 us.
 """
 
 from __future__ import annotations
