@@ -115,8 +115,9 @@ class InsertQdq(Pass):
             plan = self.make_plan(model, dtypes, ctx)
         if model.opset >= INT4_OPSET and self.activation_type == "int8":
             # onnxruntime 1.32 on x86 rewrites int8 activations to uint8 (QDQS8ToU8Transformer) and, at opset
-            # 21, then fails its own type check on a QuantizeLinear that QDQPropagation made; uint8 avoids it
-            ctx.log.warning("insert-qdq: opset %d model: uint8 activations (onnxruntime rejects int8 ones here)",
+            # 21, then fails its own type check on a QuantizeLinear that QDQPropagation made; uint8 avoids it.
+            # Info, not a warning: there is nothing for the user to do (the demo printed it once per int4 trial)
+            ctx.log.info("insert-qdq: opset %d model: uint8 activations (onnxruntime rejects int8 ones here)",
                             model.opset)
             return dataclasses.replace(self, activation_type="uint8").run(model, ctx)
         if self.bias_correction and plan.weights:
