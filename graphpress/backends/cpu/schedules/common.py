@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 #: below this much work (multiply-adds, or elements for element-wise loops; ~20 us on one core) a
 #: loop nest is not handed to the thread pool: waking and joining the pool costs more than it saves,
@@ -86,3 +87,13 @@ def consumer_chain(sch: s_tir.Schedule, block) -> list:
     for later in reversed(chain[1:]):
         sch.reverse_compute_inline(later)
     return chain[:1]
+
+
+def blocks_of(rule, func, target):
+    """(schedule, normalized block infos) of `func` for the CPU schedule `rule`, or None: not a PrimFunc,
+    a target the rule does not take, or blocks DLight cannot normalize. Every rule starts here."""
+    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else (sch, infos)

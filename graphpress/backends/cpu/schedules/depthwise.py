@@ -29,12 +29,11 @@ same layers compiled for AVX2 (x86-64-v3, 16 registers): int8 1699 -> 1092 us, f
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import consumer_chain, const_extent, innermost_index, is_var, parallelize
+from .common import blocks_of, consumer_chain, const_extent, innermost_index, is_var, parallelize
 from .tiled import channel_lanes
 
 #: vector registers the register tile leaves to LLVM beyond its accumulators, weights and loads
@@ -47,10 +46,10 @@ class DepthwiseConv(CPUScheduleRule):
     """Schedule a function whose one reduction is a channels-last depthwise convolution (see module doc)."""
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        prepared = blocks_of(self, func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = prepared
         main = _depthwise_block(sch, infos)
         if main is None:
             return None

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import PARALLEL_MIN_WORK, const_extent, fuse_outer_prefix
+from .common import PARALLEL_MIN_WORK, blocks_of, const_extent, fuse_outer_prefix
 
 
 class Injective(CPUScheduleRule):
     """Inline everything into the output blocks, then one parallel loop around vectors of the innermost axis."""
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        prepared = blocks_of(self, func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or any(not b.is_injective() for b in infos):
+        sch, infos = prepared
+        if any(not b.is_injective() for b in infos):
             return None
         lanes = vector_unit(target).lanes(str(sch.get(infos[-1].block_rv).writes[0].source.dtype))
         for info in try_inline(sch, infos):

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
 from ..pairs import BLOCK_NAME, DOT, register_intrinsics
+from .common import blocks_of
 from .injective import schedule_injective
 from .tiled import tile_reduction
 
@@ -21,11 +21,11 @@ class TiledPairs(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        prepared = blocks_of(self, func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        mains = [b for b in infos or [] if b.name == BLOCK_NAME]
+        sch, infos = prepared
+        mains = [b for b in infos if b.name == BLOCK_NAME]
         if len(mains) != 1:
             return None
         group = int(mains[0].dom()[-1])

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import const_extent, parallelize
+from .common import blocks_of, const_extent, parallelize
 from .injective import schedule_injective
 
 
@@ -21,11 +20,11 @@ class RowReduction(CPUScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        prepared = blocks_of(self, func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or all(b.is_injective() for b in infos):
+        sch, infos = prepared
+        if all(b.is_injective() for b in infos):
             return None
         infos = _inline_single_use(sch, infos)
         lanes = vector_unit(target).lanes(str(sch.get(infos[-1].block_rv).writes[0].source.dtype))

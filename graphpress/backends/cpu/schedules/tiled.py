@@ -23,13 +23,12 @@ registers hold.
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
 from .injective import schedule_injective
-from .common import (consumer_chain, const_extent, divisor_at_most, follows_channels, innermost_index, is_var,
+from .common import (blocks_of, consumer_chain, const_extent, divisor_at_most, follows_channels, innermost_index, is_var,
                      parallelize)
 
 
@@ -37,12 +36,10 @@ class TiledReduction(CPUScheduleRule):
     """Schedule a function whose one reduction block has its output's innermost axis in an operand's."""
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        prepared = blocks_of(self, func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = prepared
         reductions = [b for b in infos if b.is_reduction()]
         if len(reductions) != 1 or not _fits(sch, reductions[0]):
             return None
