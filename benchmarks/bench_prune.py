@@ -1,7 +1,7 @@
 """prune-channels on the real models: metric vs MACs kept, with and without reconstruction, ORT latency.
 
 For ResNet-8 (CIFAR-10 top-1 on 2000 test images), MobileNetV2 (ImageNet-sample top-1 on 1000 images)
-and the MNIST LeNet (accuracy on 10000 digits), every MACs target is pruned three ways in one process:
+and the MNIST LeNet (accuracy on 10000 digits), every MACs target is pruned these ways in one process:
 - `l1`: group L1 magnitude, no reconstruction. This is Torch-Pruning's default (MagnitudeImportance over
   DepGraph groups), the peer a user would reach for; Torch-Pruning itself only takes PyTorch modules,
   so it is reproduced here on the same dependency groups.
@@ -13,7 +13,10 @@ and the MNIST LeNet (accuracy on 10000 digits), every MACs target is pruned thre
   (`allocate=refit-error`) instead of one ratio for all groups;
 - `blocks+alloc+downstream`: as `blocks+alloc`, also re-fitting every later layer (`refit=downstream`)
   with ridge strengths chosen on held-out calibration batches (`ridge=none`);
-- `blocks+round8`: as `blocks`, kept channel counts multiples of 8 (`round-to=8`), for the latency.
+- `blocks+round8`: as `blocks`, kept channel counts multiples of 8 (`round-to=8`), for the latency;
+- `...+flip`, `...+flip+shift`: also calibrating on the mirrored (and 2-pixel shifted) copies of the calibration images
+  (`augment=[flip]`: 2 images per image, `[flip,shift]`: 6; a mirrored digit is no natural MNIST input);
+- `...@300`, `...@500`: calibrating on 300 / 500 samples instead of 100 (the metric then on the others).
 Calibration: benchmarks/realdata.py's split (100 samples: every 20th CIFAR image from index 1, every 10th
 ImageNet image from index 5, every 100th MNIST digit from index 3; `--calibration N` takes more, see
 `realdata.calibration_indices`). The metric (`metric`, and the float model's `float_metric`) is on the
@@ -61,6 +64,8 @@ METHODS = {
     "blocks+alloc+flip+shift": f"{_BLOCKS},augment=[flip,shift]",
     "blocks+alloc+downstream+flip+shift": f"{_DOWNSTREAM},augment=[flip,shift]",
     "blocks+alloc@300": _BLOCKS,
+    "blocks+alloc+flip@300": f"{_BLOCKS},augment=[flip]",
+    "blocks+alloc+flip@500": f"{_BLOCKS},augment=[flip]",
     "blocks+alloc+flip+shift@300": f"{_BLOCKS},augment=[flip,shift]",
     "blocks+alloc+downstream@300": _DOWNSTREAM,
 }
@@ -155,9 +160,19 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (key, result) in zip(axes[0], results.items()):
+        measured = [r for r in result["runs"] if r["metric"] is not None]
+        ylabel = f"{result['metric_name']} - float's, points (samples not calibrated on)"
+        if len({r["target_macs"] for r in measured}) == 1:  # one target: a bar per method
+            ax.barh([r["method"] for r in measured], [-r["metric_drop_points"] for r in measured])
+            if key in GOALS:
+                ax.axvline(-100 * GOALS[key][1], color="red", linestyle="--", label="goal")
+            ax.set_title(f"{key}: {result['metric_name']} at {measured[0]['target_macs']:.0%} of MACs")
+            ax.set_xlabel(ylabel)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.legend(fontsize=8)
+            continue
         for i, method in enumerate(METHODS):
-            runs = sorted((r for r in result["runs"] if r["method"] == method and r["metric"] is not None),
-                          key=lambda r: r["macs_kept"])
+            runs = sorted((r for r in measured if r["method"] == method), key=lambda r: r["macs_kept"])
             if runs:
                 ax.plot([r["macs_kept"] for r in runs], [-r["metric_drop_points"] for r in runs], marker="o",
                         linestyle="-" if i < 10 else "--", label=method)
@@ -167,7 +182,7 @@ def plot(results: dict, path: Path) -> None:
             ax.plot([share], [-100 * points], marker="*", color="red", markersize=12, label="goal")
         ax.set_title(f"{key}: {result['metric_name']} vs MACs kept")
         ax.set_xlabel("share of MACs kept")
-        ax.set_ylabel(f"{result['metric_name']} - float's, points (samples not calibrated on)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.suptitle(f"prune-channels, no retraining ({realdata.machine()})", fontsize=9)
     fig.tight_layout()
