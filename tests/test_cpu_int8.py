@@ -193,6 +193,10 @@ def test_vnni_targets_take_channel_quads(tmp_path):
         scripts[name] = pipeline.lower(import_relax(qdq, specs, "test"), target).script()
     assert scripts["vnni"].count("vpdpbusd") == 3 and "pmadd" not in scripts["vnni"]
     assert scripts["avx2"].count("pmadd.wd") == 3 and "vpdpbusd" not in scripts["avx2"]
+    # weights in panels of one instruction's outputs, [O/V, kh, kw, C/g, V, g]: 16 int32 lanes of
+    # channel quads on AVX-512, 8 lanes of int16 pairs on AVX2 (the second 3x3 conv, 16 -> 16 channels)
+    assert 'T.Buffer((T.int64(1), T.int64(3), T.int64(3), T.int64(4), T.int64(16), T.int64(4)), "int8")' in scripts["vnni"]
+    assert 'T.Buffer((T.int64(2), T.int64(3), T.int64(3), T.int64(8), T.int64(8), T.int64(2)), "int16")' in scripts["avx2"]
 
 
 @pytest.mark.parametrize("target_name", HOST_AND_AVX2)
@@ -308,8 +312,8 @@ def test_mobilenet_v2_qdq_matches_onnxruntime(tmp_path):
 
 
 def test_pair_kernels_fall_back_to_narrower_vectors_that_divide_the_channels():
-    from graphpress.backends.cpu.schedules.pairs import _pair_lanes
-    assert _pair_lanes(16, 32) == 16      # AVX-512: zmm pairs
-    assert _pair_lanes(16, 24) == 8       # AVX-512 host, 24 channels: AVX2's ymm form
-    assert _pair_lanes(8, 24) == 8
-    assert _pair_lanes(8, 12) is None     # no vector divides 12 channels: the plain tiled schedule
+    from graphpress.backends.cpu.schedules.pairs import pair_lanes
+    assert pair_lanes(16, 32) == 16      # AVX-512: zmm pairs
+    assert pair_lanes(16, 24) == 8       # AVX-512 host, 24 channels: AVX2's ymm form
+    assert pair_lanes(8, 24) == 8
+    assert pair_lanes(8, 12) is None     # no vector divides 12 channels: the plain tiled schedule

@@ -29,7 +29,7 @@ class TiledPairs(CPUScheduleRule):
         if len(mains) != 1:
             return None
         group = int(mains[0].dom()[-1])
-        lanes = _pair_lanes(vector_unit(target).lanes("int32"), int(mains[0].dom()[-1 - _reduce_count(mains[0])]), group)
+        lanes = pair_lanes(vector_unit(target).lanes("int32"), int(mains[0].dom()[-1 - _reduce_count(mains[0])]), group)
         if lanes is None:
             return None
         register_intrinsics()
@@ -46,7 +46,7 @@ class TiledPairs(CPUScheduleRule):
         return sch
 
 
-def _pair_lanes(widest: int, channels: int, group: int = 2) -> int | None:
+def pair_lanes(widest: int, channels: int, group: int = 2) -> int | None:
     """int32 lanes of the widest instruction for `group` products per lane whose vectors divide the
     output channels: on AVX-512 a 24-channel conv takes the 8-lane (ymm) form rather than no kernel."""
     return next((lanes for lanes in (widest, widest // 2) if (lanes, group) in DOT and channels % lanes == 0), None)

@@ -76,19 +76,23 @@ def _streams_data(sch: s_tir.Schedule, block) -> bool:
 
 
 def _operand_elements(sch: s_tir.Schedule, block) -> tuple[int, int]:
-    """(data, weights) elements the reduction `block` reads: weights are the operands whose innermost
-    axis follows the output channels."""
+    """(data, weights) elements the reduction `block` reads: data are the operands indexed by the output
+    pixels, weights the others (indexed by the output channels and the reduction only; in packed
+    layouts, `..pairs`, their innermost axis runs along the reduction, not the channels)."""
     import numpy as np
 
-    last = sch.get(block).iter_vars[len([iv for iv in sch.get(block).iter_vars
-                                          if iv.iter_type == tirx.IterVar.DataPar]) - 1].var
+    iters = sch.get(block).iter_vars
+    pixels = [iv.var for iv in iters if iv.iter_type == tirx.IterVar.DataPar][:-1]
     weights, data = 0, 0
     for region in sch.get(block).reads:
+        if len(region.source.shape) < 2:
+            continue
         size = int(np.prod([int(d) for d in region.source.shape]))
-        if follows_channels(region, last):
-            weights += size
-        elif len(region.source.shape) > 1:
+        used = [v for r in region.region for v in tirx.analysis.undefined_vars(r.min, [])]
+        if any(v.same_as(p) for v in used for p in pixels):
             data += size
+        else:
+            weights += size
     return data, weights
 
 
