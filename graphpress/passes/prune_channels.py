@@ -40,10 +40,12 @@ class PruneChannels(Pass):
     criterion: Literal["l1", "l2", "bn", "activation", "reconstruction"] = "l1"   # channel importance
     reconstruct: bool = True                   # re-fit consumers by least squares on calibration data
     sensitivity: bool = False                  # pick per-group ratios by a sensitivity scan under the target
-    allocate: Literal["uniform", "refit-error"] = "uniform"   # how a target is spread over the groups: one
-                                               # ratio for all, or (criterion=reconstruction) step by step where
-                                               # the consumers' error left after the re-fit grows least per
-                                               # MAC/param saved
+    allocate: Literal["uniform", "refit-error", "held-out-error"] = "uniform"   # how a target is spread over
+                                               # the groups: one ratio for all, or (criterion=reconstruction)
+                                               # step by step where the consumers' error left after the re-fit
+                                               # grows least per MAC/param saved; held-out-error measures that
+                                               # error on calibration batches the fit did not see (an in-sample
+                                               # error calls layers with few rows per input nearly free)
     ridge: float | None = 0.01                 # ridge strength of the re-fit, relative to mean diag(X^T X);
                                                # none: chosen per layer on held-out calibration batches
     refit: Literal["consumers", "downstream"] = "consumers"   # re-fit the layers that lost input channels,
@@ -76,7 +78,7 @@ class PruneChannels(Pass):
         refits = curves = None
         if self.criterion == "reconstruction" and calibration is not None:
             elimination = eliminate(model, cg, calibration, steps_for(cg, self.round_to) if self.sensitivity else None,
-                                    ROWS_PER_BATCH * per_image)
+                                    ROWS_PER_BATCH * per_image, held_out=self.allocate == "held-out-error")
             scores, refits, curves = elimination.scores, elimination.refits, elimination.curves
         else:
             scores = channel_scores(model, cg, self.criterion, calibration)
@@ -127,9 +129,9 @@ class PruneChannels(Pass):
                 raise GraphpressError(f"prune-channels: a target is a share in (0, 1], got {value}")
         if not 0 <= self.ratio < 1:
             raise GraphpressError(f"prune-channels: ratio must be in [0, 1), got {self.ratio}")
-        if self.allocate == "refit-error":
+        if self.allocate != "uniform":
             if not targets or curves is None or self.sensitivity:
-                raise GraphpressError("prune-channels: allocate=refit-error needs a target, criterion=reconstruction "
+                raise GraphpressError(f"prune-channels: allocate={self.allocate} needs a target, criterion=reconstruction "
                                       "and calibration data, and replaces sensitivity=true")
             metric, value = targets[0]
             return ratios_by_error(cg, scores, costs, metric, value, curves, self.round_to, base)
