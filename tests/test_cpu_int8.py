@@ -225,6 +225,31 @@ def test_qdq_gemm_with_transposed_weights_runs_in_integer_arithmetic(tmp_path):
     assert assert_int8_matches(qdq, {"x": RNG.standard_normal((2, 64)).astype(np.float32)}) >= 0.99
 
 
+def test_activation_matmuls_run_as_exact_float_sums(tmp_path):
+    """Attention's activation x activation matmuls (no constant weight to pack): float32 sums of the
+    integer products, exact below 2^24 (here 64 x 255 x 255), so the same integers as the int16 path."""
+    from graphpress.backends.cpu import int8
+
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    model = make_model(nodes, [tensor("a", 1, 2, 16, 64), tensor("b", 1, 2, 64, 16)], [tensor("y", 1, 2, 16, 16)], [], opset=13)
+    def feeds():
+        return {"a": RNG.standard_normal((1, 2, 16, 64)).astype(np.float32), "b": RNG.standard_normal((1, 2, 64, 16)).astype(np.float32)}
+    qdq = quantize_static(model, [feeds() for _ in range(4)], tmp_path)
+    specs, _ = input_specs(qdq, None, "test")
+    prepared = pipeline.prepare(import_relax(qdq, specs, "test"), targets.resolve("x86").tvm_target()).script()
+    assert "int16" not in prepared  # no widening int16 products
+    x = feeds()
+    assert assert_int8_matches(qdq, x) >= 0.99
+    exact, _ = lower_and_run(qdq, x)
+    original = int8._matmul_exact_in_float32
+    int8._matmul_exact_in_float32 = lambda *args: False  # the int16 path, for comparison
+    try:
+        via_int16, _ = lower_and_run(qdq, x)
+    finally:
+        int8._matmul_exact_in_float32 = original
+    np.testing.assert_array_equal(exact[0], via_int16[0])
+
+
 def test_qdq_matmul_with_odd_columns_is_padded_and_exact(tmp_path):
     """70 columns padded to 80 for the pair kernel, sliced back before the requantization."""
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
