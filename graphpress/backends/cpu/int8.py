@@ -30,7 +30,7 @@ constant weight take the same form with float accumulation:
 
 where the integer products and their sums are exact in float32 (checked per layer,
 `_exact_in_float32`), and the input stays one byte per element between layers (uint8 for ReLU
-outputs quantized with zero point -128); `schedules.depthwise` converts it once per staged window.
+outputs quantized with zero point -128); `schedules.depthwise` shares each loaded and converted input column between neighbouring pixels.
 Matmuls of two activations (attention) have no constant weight to pack for the dot-product
 instructions; where their sums are as well bounded (`_matmul_exact_in_float32`) they are float32
 matmuls on the integers, the same exact result as the int16 path, five times as fast.
