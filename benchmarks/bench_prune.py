@@ -16,6 +16,8 @@ and the MNIST LeNet (accuracy on 10000 digits), every MACs target is pruned thes
 - `blocks+round8`: as `blocks`, kept channel counts multiples of 8 (`round-to=8`), for the latency;
 - `...+flip`, `...+flip+shift`: also calibrating on the mirrored (and 2-pixel shifted) copies of the calibration images
   (`augment=[flip]`: 2 images per image, `[flip,shift]`: 6; a mirrored digit is no natural MNIST input);
+- `blocks+heldout...`: as `blocks+alloc...`, the error curves measured on calibration batches left out of
+  the fit (`allocate=held-out-error`);
 - `...@300`, `...@500`: calibrating on 300 / 500 samples instead of 100 (the metric then on the others).
 Calibration: benchmarks/realdata.py's split (100 samples: every 20th CIFAR image from index 1, every 10th
 ImageNet image from index 5, every 100th MNIST digit from index 3; `--calibration N` takes more, see
@@ -51,6 +53,7 @@ from graphpress.passes import PassContext, PassManager
 RESULTS = Path(__file__).resolve().parent / "results"
 _BLOCKS = "criterion=reconstruction,scope=blocks,allocate=refit-error"
 _DOWNSTREAM = f"{_BLOCKS},refit=downstream,ridge=none"
+_HELD = "criterion=reconstruction,scope=blocks,allocate=held-out-error"
 #: method -> prune-channels options; a name ending in @N calibrates on N samples instead of the case's count
 METHODS = {
     "l1": "criterion=l1,reconstruct=false",
@@ -66,6 +69,10 @@ METHODS = {
     "blocks+alloc@300": _BLOCKS,
     "blocks+alloc+flip@300": f"{_BLOCKS},augment=[flip]",
     "blocks+alloc+flip@500": f"{_BLOCKS},augment=[flip]",
+    "blocks+heldout": _HELD,
+    "blocks+heldout+flip": f"{_HELD},augment=[flip]",
+    "blocks+heldout+downstream": f"{_HELD},refit=downstream,ridge=none",
+    "blocks+heldout@300": _HELD,
     "blocks+alloc+flip+shift@300": f"{_BLOCKS},augment=[flip,shift]",
     "blocks+alloc+downstream@300": _DOWNSTREAM,
 }
