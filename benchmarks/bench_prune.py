@@ -223,7 +223,8 @@ def _save(path: Path, result: dict, methods: list[str]) -> None:
     earlier = json.loads(path.read_text())["runs"] if path.exists() else []
     kept = [_earlier(r) for r in earlier if r["method"] not in methods]
     order = list(METHODS)
-    runs = sorted(kept + result["runs"], key=lambda r: (-r["target_macs"], order.index(r["method"])))
+    runs = sorted(kept + result["runs"],  # a method another (newer) invocation added goes last
+                  key=lambda r: (-r["target_macs"], order.index(r["method"]) if r["method"] in order else len(order)))
     result = {"machine": realdata.machine(), **result, "runs": runs}
     _set_goal(path.stem.removeprefix("prune_"), result)
     path.write_text(json.dumps(result, indent=1))
