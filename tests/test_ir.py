@@ -1,10 +1,7 @@
 """The IR: lossless round trip, loading errors, atomic saves, queries, edits, comparison."""
 
-from pathlib import Path
-
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
