@@ -81,8 +81,15 @@ def _fits_conv(call) -> bool:
             and attrs.out_layout in ("", "NHWC") and int(attrs.groups) == 1)
 
 
+def _rank(expr) -> int | None:
+    """The rank of a tensor expression, None when the importer left it unknown."""
+    ndim = getattr(expr.ty, "ndim", -1)
+    return None if ndim == -1 else int(ndim)
+
+
 def _fits_matmul(call) -> bool:
-    return call.op == _MATMUL and len(call.args[1].ty.shape.values) == 2 and len(call.args[0].ty.shape.values) >= 2
+    """A matmul of a rank >= 2 tensor by a 2-D weight."""
+    return call.op == _MATMUL and _rank(call.args[1]) == 2 and (_rank(call.args[0]) or 0) >= 2
 
 
 def _panelizer(lanes: int):
