@@ -20,6 +20,9 @@ from .backends.artifact import OpenedArtifact, open_artifact
 from .backends._tvm import summarize
 from .errors import BackendError
 
+#: DLPack's device type of the CPU (kDLCPU)
+DLPACK_CPU = 1
+
 
 class CompiledModel:
     """A loaded artifact: `inputs`/`outputs` (metadata dicts) and `run`.
@@ -35,6 +38,7 @@ class CompiledModel:
         self.outputs = self.metadata["outputs"]
         self._vm, self._device = _load_vm(artifact, shown_as)
         self._main = self._vm["main"]  # looked up once: the lookup costs ~0.1 ms per call
+        self._on_cpu = self._device.dlpack_device_type() == DLPACK_CPU
         self._staging: dict[int, tuple] = {}  # input index -> (reused TVM tensor, numpy view) for unaligned inputs
 
     @property
@@ -53,7 +57,7 @@ class CompiledModel:
         except Exception as exc:  # TVM raises TVMError subclasses from inside the kernels
             raise BackendError(f"{self.path}: running the model failed ({summarize(exc)})") from exc
         results = [result] if len(self.outputs) == 1 else list(result)
-        return {spec["name"]: _to_numpy(r, spec) for spec, r in zip(self.outputs, results)}
+        return {spec["name"]: _to_numpy(r, spec, self._on_cpu) for spec, r in zip(self.outputs, results)}
 
     def _tensor(self, index: int, array: np.ndarray):
         """Input `index` as a TVM tensor on the device, copying only what must be copied.
@@ -65,7 +69,7 @@ class CompiledModel:
         """
         import tvm
 
-        if self._device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+        if not self._on_cpu:
             return tvm.runtime.tensor(array, self._device)
         if array.ctypes.data % 64 == 0 and array.flags.c_contiguous and array.size:
             return tvm.runtime.from_dlpack(array)
@@ -109,11 +113,11 @@ def _check_index_range(path: str, spec: dict, array: np.ndarray) -> None:
                            f"reads; TVM does not check indices and would read past the table")
 
 
-def _to_numpy(value, spec: dict) -> np.ndarray:
-    """A VM result as numpy: tensors copied (numpy's own copy of a DLPack view of a CPU tensor: TVM's
+def _to_numpy(value, spec: dict, on_cpu: bool) -> np.ndarray:
+    """A VM result as numpy: tensors copied (from the CPU, numpy's own copy of a DLPack view: TVM's
     `numpy()` cost ~5 us per output); shape-valued outputs (ints, shape tuples) as arrays."""
     if hasattr(value, "numpy"):
-        if value.device.dlpack_device_type() == 1:  # kDLCPU
+        if on_cpu:
             return np.array(np.from_dlpack(value), copy=True)
         return value.numpy()
     return np.asarray(value if isinstance(value, int) else list(value), dtype=spec["dtype"])
