@@ -337,7 +337,7 @@ def test_mobilenet_v2_qdq_matches_onnxruntime(tmp_path):
 
 
 def test_pair_kernels_fall_back_to_narrower_vectors_that_divide_the_channels():
-    from graphpress.backends.cpu.schedules.pairs import pair_lanes
+    from graphpress.backends.cpu.pairs import pair_lanes
     assert pair_lanes(16, 32) == 16      # AVX-512: zmm pairs
     assert pair_lanes(16, 24) == 8       # AVX-512 host, 24 channels: AVX2's ymm form
     assert pair_lanes(8, 24) == 8

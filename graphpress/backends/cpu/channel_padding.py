@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from .relax_rewrites import mutator_pass
+from .relax_rewrites import _constant, mutator_pass
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -42,10 +42,8 @@ class _PadOutputChannels(relax.PyExprMutator):
         call = self.visit_expr_post_order(call)
         if call.op not in (_CONV2D, _MATMUL) or len(call.args) != 2:
             return call
-        weight = call.args[1]
-        if isinstance(weight, relax.Var):
-            weight = self.lookup_binding(weight)
-        if not isinstance(weight, Constant) or not _pads_last_axis(call, weight):
+        weight = _constant(self, call.args[1])
+        if weight is None or not _pads_last_axis(call, weight):
             return call
         value = weight.value.numpy()
         channels = value.shape[-1]

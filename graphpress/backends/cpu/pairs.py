@@ -14,8 +14,9 @@ lane, exactly:
 
 That needs the weights of a channel group side by side: HWIO [kh, kw, C, O] is packed (numpy, at
 compile time) to [O/V, kh, kw, C/g, V, g] (`conv2d_nhwc_packed`), a matmul weight [K, N] to
-[N/V, K/g, V, g] (`matmul_packed`), in panels of V = the instruction's int32 lanes. The schedule rule `schedules.pairs.TiledPairs` tiles them like any convolution and
-tensorizes the innermost [outputs x group] loops with `DOT[lanes, g]`.
+[N/V, K/g, V, g] (`matmul_packed`), in panels of V = the instruction's int32 lanes. The schedule rule
+`schedules.pairs.TiledPairs` tiles them like any convolution and tensorizes the innermost
+[outputs x group] loops with `DOT[lanes, g]`.
 
 Quads need unsigned activations: u = xq + 128 for int8 xq (u = xq for uint8), i.e. u = (xq - zx) + c
 with c = zx + 128 (or zx), so
@@ -41,7 +42,7 @@ from tvm import relax, te, topi
 from tvm.ir.expr import Constant
 from tvm.script import tirx as T
 
-from .relax_rewrites import mutator_pass
+from .relax_rewrites import _constant, mutator_pass
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -56,6 +57,12 @@ _LLVM_INTRINSIC = {(8, 2): "llvm.x86.avx2.pmadd.wd", (16, 2): "llvm.x86.avx512.p
 #: products per lane -> (activation dtype, weight dtype)
 _DTYPES = {2: ("int16", "int16"), 4: ("uint8", "int8")}
 BLOCK_NAME = "packed_dot"
+
+
+def pair_lanes(widest: int, channels: int, group: int = 2) -> int | None:
+    """int32 lanes of the widest instruction for `group` products per lane whose vectors divide the
+    output channels: on AVX-512 a 24-channel conv takes the 8-lane (ymm) form rather than no kernel."""
+    return next((lanes for lanes in (widest, widest // 2) if (lanes, group) in DOT and channels % lanes == 0), None)
 
 
 def _grouped_dot(lanes: int, group: int):
@@ -177,13 +184,9 @@ class _Packer(relax.PyExprMutator):
         call = self.visit_expr_post_order(call)
         if not (_fits(call) or _fits_matmul(call)):
             return call
-        weight = call.args[1]
-        if isinstance(weight, relax.Var):
-            weight = self.lookup_binding(weight)
-        if not isinstance(weight, Constant):
+        weight = _constant(self, call.args[1])
+        if weight is None:
             return call
-        from .schedules.pairs import pair_lanes
-
         value = weight.value.numpy()
         unsigned = self._unsigned(call.args[0]) if self.quads and value.shape[-2] % 4 == 0 \
             and value.min() >= -128 and value.max() <= 127 else None

@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from ..pairs import BLOCK_NAME, DOT, register_intrinsics
+from ..pairs import BLOCK_NAME, DOT, pair_lanes, register_intrinsics
 from .common import blocks_of
 from .injective import schedule_injective
 from .tiled import tile_reduction
@@ -44,12 +44,6 @@ class TiledPairs(CPUScheduleRule):
         for info in pad:
             schedule_injective(sch, info.block_rv, group * lanes)
         return sch
-
-
-def pair_lanes(widest: int, channels: int, group: int = 2) -> int | None:
-    """int32 lanes of the widest instruction for `group` products per lane whose vectors divide the
-    output channels: on AVX-512 a 24-channel conv takes the 8-lane (ymm) form rather than no kernel."""
-    return next((lanes for lanes in (widest, widest // 2) if (lanes, group) in DOT and channels % lanes == 0), None)
 
 
 def _reduce_count(info) -> int:
