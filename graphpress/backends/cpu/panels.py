@@ -24,6 +24,8 @@ not); depthwise convolutions read one weight vector per tap already and are left
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax, te
@@ -32,6 +34,7 @@ from tvm.ir.expr import Constant
 from .machine import vector_unit
 from .pairs import padded_window
 from .relax_rewrites import _constant, mutator_pass
+from .schedules.tiled import channel_lanes
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -68,13 +71,6 @@ def to_panels(weight: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(split, -2, 0))
 
 
-def panel_width(channels: int, lanes: int) -> int:
-    """The vector the register tile uses for `channels` outputs (see `schedules.tiled.channel_lanes`)."""
-    from .schedules.tiled import channel_lanes
-
-    return channel_lanes(channels, lanes)
-
-
 def _fits_conv(call) -> bool:
     attrs = call.attrs
     return (call.op == _CONV2D and attrs.data_layout == "NHWC" and attrs.kernel_layout == "HWIO"
@@ -92,36 +88,37 @@ def _fits_matmul(call) -> bool:
     return call.op == _MATMUL and _rank(call.args[1]) == 2 and (_rank(call.args[0]) or 0) >= 2
 
 
-def _panelizer(lanes: int):
-    """The mutator class for a vector unit of `lanes` float32 lanes."""
+@relax.expr_functor.mutator
+class _Panelizer(relax.PyExprMutator):
+    """Rewrites fitting float32 convolutions / matmuls for a vector unit of `lanes` float32 lanes."""
 
-    @relax.expr_functor.mutator
-    class _Panelizer(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = self.visit_expr_post_order(call)
-            if not isinstance(call.op, tvm.ir.Op) or not (_fits_conv(call) or _fits_matmul(call)):
-                return call
-            if any(str(a.ty.dtype) != "float32" for a in call.args[:2]) or str(call.ty.dtype) != "float32":
-                return call
-            weight: Constant | None = _constant(self, call.args[1])
-            if weight is None:
-                return call
-            value = weight.value.numpy()
-            width = panel_width(value.shape[-1], lanes)
-            if value.shape[-1] % width:
-                return call
-            panels = relax.const(to_panels(value, width), "float32")
-            if call.op == _MATMUL:
-                return self.builder_.call_te(matmul_panels, call.args[0], panels, primfunc_name_hint="matmul_panels")
-            attrs = call.attrs
-            return self.builder_.call_te(
-                conv2d_nhwc_panels, call.args[0], panels, strides=[int(s) for s in attrs.strides],
-                padding=[int(p) for p in attrs.padding], dilation=[int(d) for d in attrs.dilation],
-                primfunc_name_hint="conv2d_panels")
+    def __init__(self, mod, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
 
-    return _Panelizer
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if not isinstance(call.op, tvm.ir.Op) or not (_fits_conv(call) or _fits_matmul(call)):
+            return call
+        if any(str(a.ty.dtype) != "float32" for a in call.args[:2]) or str(call.ty.dtype) != "float32":
+            return call
+        weight: Constant | None = _constant(self, call.args[1])
+        if weight is None:
+            return call
+        value = weight.value.numpy()
+        width = channel_lanes(value.shape[-1], self.lanes)
+        if value.shape[-1] % width:
+            return call
+        panels = relax.const(to_panels(value, width), "float32")
+        if call.op == _MATMUL:
+            return self.builder_.call_te(matmul_panels, call.args[0], panels, primfunc_name_hint="matmul_panels")
+        attrs = call.attrs
+        return self.builder_.call_te(
+            conv2d_nhwc_panels, call.args[0], panels, strides=[int(s) for s in attrs.strides],
+            padding=[int(p) for p in attrs.padding], dilation=[int(d) for d in attrs.dilation],
+            primfunc_name_hint="conv2d_panels")
 
 
 def pack_weight_panels(target):
     """Pass: float32 channels-last convolutions (groups = 1) and constant-weight matmuls -> weight panels."""
-    return mutator_pass(_panelizer(vector_unit(target).lanes("float32")), "PackWeightPanels")
+    return mutator_pass(functools.partial(_Panelizer, lanes=vector_unit(target).lanes("float32")), "PackWeightPanels")
