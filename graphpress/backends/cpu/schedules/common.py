@@ -97,3 +97,22 @@ def blocks_of(rule, func, target):
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     return None if infos is None else (sch, infos)
+
+
+def vectorize_in_lanes(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """Vectorize `loop` in `lanes` vectors, unrolled when it spans several."""
+    extent = const_extent(sch.get(loop).extent)
+    if extent is not None and extent > lanes and extent % lanes == 0:
+        vectors, vector = sch.split(loop, [None, lanes])
+        sch.unroll(vectors)
+        sch.vectorize(vector)
+    else:
+        sch.vectorize(loop)
+
+
+def vectorize_tile(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorize the innermost loop of a tile-sized block in `lanes` vectors and unroll the loop around it."""
+    loops = sch.get_loops(block)
+    vectorize_in_lanes(sch, loops[-1], lanes)
+    if len(loops) > 1 and const_extent(sch.get(loops[-2]).extent) not in (None, 1):
+        sch.unroll(loops[-2])

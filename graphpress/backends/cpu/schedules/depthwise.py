@@ -33,7 +33,8 @@ from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import blocks_of, consumer_chain, const_extent, innermost_index, is_var, parallelize
+from .common import (blocks_of, consumer_chain, const_extent, innermost_index, is_var, parallelize, vectorize_in_lanes,
+                     vectorize_tile)
 from .tiled import channel_lanes
 
 #: vector registers the register tile leaves to LLVM beyond its accumulators, weights and loads
@@ -69,8 +70,6 @@ def _depthwise_block(sch: s_tir.Schedule, infos):
 
     Pooling (no weight) and convolutions reducing over input channels do not match.
     """
-    if infos is None:
-        return None
     reductions = [b for b in infos if b.is_reduction()]
     if len(reductions) != 1:
         return None
@@ -140,28 +139,13 @@ def tile_depthwise(sch: s_tir.Schedule, block, lanes: int, registers: int) -> No
     sch.reverse_compute_at(local, h_in, preserve_unit_loops=False)
     for ep in epilogue:
         sch.reverse_compute_inline(ep)
-    tile_pixels = sch.get_loops(local)[-2]
-    _vectorize(sch, sch.get_loops(local)[-1], lanes)
-    sch.unroll(tile_pixels)
+    vectorize_tile(sch, local, lanes)
     sch.unroll(w_in)
     sch.unroll(kw)
-    _vectorize(sch, c_in, lanes)
+    vectorize_in_lanes(sch, c_in, lanes)
     work = 1
     for e in extents:
         work *= e
     parallelize(sch, [c_out, *outer, w_out], work)
     init = sch.decompose_reduction(block, kh)
-    init_loops = sch.get_loops(init)
-    _vectorize(sch, init_loops[-1], lanes)
-    sch.unroll(init_loops[-2])
-
-
-def _vectorize(sch: s_tir.Schedule, loop, lanes: int) -> None:
-    """Vectorize `loop` in `lanes` vectors, unrolled when it spans several."""
-    extent = const_extent(sch.get(loop).extent)
-    if extent is not None and extent > lanes and extent % lanes == 0:
-        vectors, vector = sch.split(loop, [None, lanes])
-        sch.unroll(vectors)
-        sch.vectorize(vector)
-    else:
-        sch.vectorize(loop)
+    vectorize_tile(sch, init, lanes)

@@ -29,7 +29,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from ..machine import vector_unit
 from .injective import schedule_injective
 from .common import (blocks_of, consumer_chain, const_extent, divisor_at_most, follows_channels, innermost_index, is_var,
-                     parallelize)
+                     parallelize, vectorize_tile)
 
 
 class TiledReduction(CPUScheduleRule):
@@ -168,14 +168,14 @@ def tile_reduction(sch: s_tir.Schedule, block, lanes: int, accumulators: int, in
     sch.reverse_compute_at(local, tiles[-1], preserve_unit_loops=False)
     for ep in epilogue:
         sch.reverse_compute_inline(ep)
-    _vectorize_tile(sch, local, lanes)
+    vectorize_tile(sch, local, lanes)
     if p_in is not None:
         sch.unroll(p_in)
     c_lanes = _vectorize_channels(sch, c_in, vec, lanes, vectorize=not intrinsic)
     parallelize(sch, tiles, work)
     init = sch.decompose_reduction(block, outer_reduce[0])  # the init copies the unrolled tile loops
     if intrinsic:
-        _vectorize_tile(sch, init, lanes)
+        vectorize_tile(sch, init, lanes)
         sch.tensorize(c_lanes, intrinsic)
 
 
@@ -243,7 +243,7 @@ def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators:
     _vectorize_channels(sch, c_in, vec, lanes)
     parallelize(sch, tiles, work)
     init = sch.decompose_reduction(block, k_out)
-    _vectorize_tile(sch, init, lanes)
+    vectorize_tile(sch, init, lanes)
     for ep in epilogue:
         schedule_injective(sch, ep, lanes)
 
@@ -319,17 +319,3 @@ def _vectorize_channels(sch: s_tir.Schedule, c_in, vec: int, lanes: int, vectori
     if vectorize:
         sch.vectorize(c_lanes)
     return c_lanes
-
-
-def _vectorize_tile(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Vectorize the innermost loop of a tile-sized block in `lanes` vectors and unroll the loops around it."""
-    loops = sch.get_loops(block)
-    extent = const_extent(sch.get(loops[-1]).extent)
-    if extent is not None and extent > lanes and extent % lanes == 0:
-        vectors, vector = sch.split(loops[-1], [None, lanes])
-        sch.unroll(vectors)
-        sch.vectorize(vector)
-    else:
-        sch.vectorize(loops[-1])
-    if len(loops) > 1 and const_extent(sch.get(loops[-2]).extent) not in (None, 1):
-        sch.unroll(loops[-2])
