@@ -86,16 +86,17 @@ class _Operand:
                 shape[self.axis] = -1
             zero_point = self.zero_point.astype(np.int16).reshape(shape)
             return relax.const(self.data_const.astype(np.int16) - zero_point, "int16")
-        shifted = relax.op.astype(self.data, "int16")
-        if np.any(self.zero_point != 0):
-            shifted = relax.op.subtract(shifted, relax.const(self.zero_point.astype(np.int16).reshape(()), "int16"))
-        return shifted
+        return self._activation_in("int16")
 
     def as_exact_floats(self) -> relax.Expr:
         """float32(q) - zero_point for an activation: the same integers as `as_int16`, in float32."""
-        shifted = relax.op.astype(self.data, "float32")
+        return self._activation_in("float32")
+
+    def _activation_in(self, dtype: str) -> relax.Expr:
+        """An activation's q - zero_point (one zero point) computed in `dtype`, which holds it exactly."""
+        shifted = relax.op.astype(self.data, dtype)
         if np.any(self.zero_point != 0):
-            shifted = relax.op.subtract(shifted, relax.const(self.zero_point.astype(np.float32).reshape(()), "float32"))
+            shifted = relax.op.subtract(shifted, relax.const(self.zero_point.astype(dtype).reshape(()), dtype))
         return shifted
 
     def with_channels(self, multiple: int) -> "_Operand":

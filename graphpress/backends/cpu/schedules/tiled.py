@@ -22,6 +22,7 @@ registers hold.
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base.common_schedules import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -79,8 +80,6 @@ def _operand_elements(sch: s_tir.Schedule, block) -> tuple[int, int]:
     """(data, weights) elements the reduction `block` reads: data are the operands indexed by the output
     pixels, weights the others (indexed by the output channels and the reduction only; in packed
     layouts, `..pairs`, their innermost axis runs along the reduction, not the channels)."""
-    import numpy as np
-
     iters = sch.get(block).iter_vars
     pixels = [iv.var for iv in iters if iv.iter_type == tirx.IterVar.DataPar][:-1]
     weights, data = 0, 0
@@ -197,8 +196,6 @@ def _reduction_block_depth(sch: s_tir.Schedule, block, dtype: str) -> int:
     whole reduction extent each time: with pixels x K too large for L2 (MiniLM's FFN: 128 x 1536
     floats) that is a stream from L3 per channel block. Splitting K makes each pass cache-resident.
     """
-    import numpy as np
-
     iters = sch.get(block).iter_vars
     spatial = [int(iv.dom.extent) for iv in iters if iv.iter_type == tirx.IterVar.DataPar]
     inner = int(iters[-1].dom.extent)
@@ -215,8 +212,6 @@ def tile_reduction_blocked(sch: s_tir.Schedule, block, lanes: int, accumulators:
     The accumulators then live in the output buffer across reduction blocks (LLVM keeps a tile in
     registers within one block), and the epilogue runs as its own vectorized loop nest afterwards.
     """
-    import numpy as np
-
     iters = sch.get(block).iter_vars
     loops = sch.get_loops(block)
     n_spatial = sum(1 for iv in iters if iv.iter_type == tirx.IterVar.DataPar)
