@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 #: below this much work (multiply-adds, or elements for element-wise loops; ~20 us on one core) a
 #: loop nest is not handed to the thread pool: waking and joining the pool costs more than it saves,
@@ -89,14 +90,20 @@ def consumer_chain(sch: s_tir.Schedule, block) -> list:
     return chain[:1]
 
 
-def blocks_of(rule, func, target):
-    """(schedule, normalized block infos) of `func` for the CPU schedule `rule`, or None: not a PrimFunc,
-    a target the rule does not take, or blocks DLight cannot normalize. Every rule starts here."""
-    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
-        return None
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    return None if infos is None else (sch, infos)
+class NormalizedRule(CPUScheduleRule):
+    """A CPU schedule rule that works on DLight's normalized blocks: `apply` takes PrimFuncs for targets
+    the rule accepts whose blocks normalize, and hands the schedule and block infos to `schedule`."""
+
+    def apply(self, func, target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        return None if infos is None else self.schedule(sch, infos, target)
+
+    def schedule(self, sch: s_tir.Schedule, infos: list, target) -> s_tir.Schedule | None:
+        """The scheduled `sch`, or None when the rule does not fit the function."""
+        raise NotImplementedError
 
 
 def vectorize_in_lanes(sch: s_tir.Schedule, loop, lanes: int) -> None:

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base.common_schedules import try_inline
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import (blocks_of, consumer_chain, const_extent, innermost_index, is_var, parallelize, vectorize_in_lanes,
+from .common import (NormalizedRule, consumer_chain, const_extent, innermost_index, is_var, parallelize, vectorize_in_lanes,
                      vectorize_tile)
 from .tiled import channel_lanes
 
@@ -43,14 +42,10 @@ SPARE_REGISTERS = 2
 BLOCK_BYTES = 16 * 1024
 
 
-class DepthwiseConv(CPUScheduleRule):
+class DepthwiseConv(NormalizedRule):
     """Schedule a function whose one reduction is a channels-last depthwise convolution (see module doc)."""
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        prepared = blocks_of(self, func, target)
-        if prepared is None:
-            return None
-        sch, infos = prepared
+    def schedule(self, sch: s_tir.Schedule, infos: list, target):
         main = _depthwise_block(sch, infos)
         if main is None:
             return None

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir.dlight.base.common_schedules import try_inline
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import PARALLEL_MIN_WORK, blocks_of, const_extent, fuse_outer_prefix
+from .common import PARALLEL_MIN_WORK, NormalizedRule, const_extent, fuse_outer_prefix
 
 
-class Injective(CPUScheduleRule):
+class Injective(NormalizedRule):
     """Inline everything into the output blocks, then one parallel loop around vectors of the innermost axis."""
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        prepared = blocks_of(self, func, target)
-        if prepared is None:
-            return None
-        sch, infos = prepared
+    def schedule(self, sch: s_tir.Schedule, infos: list, target):
         if any(not b.is_injective() for b in infos):
             return None
         lanes = vector_unit(target).lanes(str(sch.get(infos[-1].block_rv).writes[0].source.dtype))

@@ -3,28 +3,23 @@
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm import s_tir
 
 from ..machine import vector_unit
 from ..pairs import BLOCK_NAME, DOT, pair_lanes, register_intrinsics
-from .common import blocks_of
+from .common import NormalizedRule
 from .injective import schedule_injective
 from .tiled import tile_reduction
 
 
-class TiledPairs(CPUScheduleRule):
+class TiledPairs(NormalizedRule):
     """The `TiledReduction` tile with the innermost [int32 lanes x channel pair] done by one instruction.
 
     The padded input stays a separate (vectorized) copy: the intrinsic loads the channel pair with one
     32-bit load, which a guarded (inlined) padding load would not allow.
     """
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        prepared = blocks_of(self, func, target)
-        if prepared is None:
-            return None
-        sch, infos = prepared
+    def schedule(self, sch: s_tir.Schedule, infos: list, target):
         mains = [b for b in infos if b.name == BLOCK_NAME]
         if len(mains) != 1:
             return None

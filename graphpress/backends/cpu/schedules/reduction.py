@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
-from .common import blocks_of, const_extent, parallelize
+from .common import NormalizedRule, const_extent, parallelize
 from .injective import schedule_injective
 
 
-class RowReduction(CPUScheduleRule):
+class RowReduction(NormalizedRule):
     """Row-wise reductions (softmax, layer norm): one parallel loop over rows, every block per row.
 
     When every block iterates the same rows as the output (all axes but the innermost), the blocks
@@ -19,11 +18,7 @@ class RowReduction(CPUScheduleRule):
     element-wise ones vectorized, reduction ones parallel over their rows.
     """
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        prepared = blocks_of(self, func, target)
-        if prepared is None:
-            return None
-        sch, infos = prepared
+    def schedule(self, sch: s_tir.Schedule, infos: list, target):
         if all(b.is_injective() for b in infos):
             return None
         infos = _inline_single_use(sch, infos)

@@ -25,22 +25,17 @@ from __future__ import annotations
 import numpy as np
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base.common_schedules import try_inline
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from ..machine import vector_unit
 from .injective import schedule_injective
-from .common import (blocks_of, consumer_chain, const_extent, divisor_at_most, follows_channels, innermost_index, is_var,
+from .common import (NormalizedRule, consumer_chain, const_extent, divisor_at_most, follows_channels, innermost_index, is_var,
                      parallelize, vectorize_tile)
 
 
-class TiledReduction(CPUScheduleRule):
+class TiledReduction(NormalizedRule):
     """Schedule a function whose one reduction block has its output's innermost axis in an operand's."""
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        prepared = blocks_of(self, func, target)
-        if prepared is None:
-            return None
-        sch, infos = prepared
+    def schedule(self, sch: s_tir.Schedule, infos: list, target):
         reductions = [b for b in infos if b.is_reduction()]
         if len(reductions) != 1 or not _fits(sch, reductions[0]):
             return None
